@@ -1,0 +1,1 @@
+"""Host adapters: the only place trainer/ may import a host (ComfyUI, diffusers)."""

@@ -69,7 +69,7 @@ class DomainStudioTrainer(io.ComfyNode):
                                 tooltip="File name stem in models/loras (numbered, never overwritten). Empty = don't save."),
             ],
             outputs=[
-                io.Model.Output("model", tooltip="A patched copy of the input model; the input is untouched."),
+                io.Model.Output("adapted_model", tooltip="A patched copy of the input model; the input is untouched."),
                 io.LoraModel.Output("delta", tooltip="The trained weights (kohya keys), for Save LoRA / Load LoRA Model."),
                 io.Image.Output("loss_plot"),
                 io.String.Output("saved_path"),

@@ -30,7 +30,7 @@ class FewShotImageSet(io.ComfyNode):
             ],
             outputs=[
                 ImageSetType.Output("image_set"),
-                io.Image.Output("images", tooltip="The prepared images, for preview."),
+                io.Image.Output("prepared_images", tooltip="The prepared images, for preview."),
                 io.String.Output("summary"),
             ],
         )

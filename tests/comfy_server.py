@@ -29,7 +29,8 @@ class ComfyServer:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         packs = os.path.join(base_dir, "packs")
-        os.makedirs(packs, exist_ok=True)
+        for d in (packs, os.path.join(base_dir, "custom_nodes")):  # main.py lists the latter at start-up
+            os.makedirs(d, exist_ok=True)
         link = os.path.join(packs, "ComfyUI-DomainStudio")
         if not os.path.islink(link):
             os.symlink(pack_dir, link)

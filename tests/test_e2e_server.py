@@ -14,8 +14,11 @@ def test_server_registers_pack_without_import_failure(server):
     assert "DomainStudio_FewShotImageSet" in info and "DomainStudio_Train" in info
     assert info["DomainStudio_Train"]["category"] == "DomainStudio"
     log = server.log()
-    assert "IMPORT FAILED" not in log, log[-3000:]
-    assert "ComfyUI-DomainStudio" in log  # the loader's import-times list names us
+    # ComfyUI's own audio extras fail here without torchaudio; no failure may name our pack.
+    failed = [line for line in log.splitlines() if "IMPORT FAILED" in line or "Cannot import" in line]
+    assert not [line for line in failed if "DomainStudio" in line], failed
+    loaded = [line for line in log.splitlines() if "seconds" in line and line.rstrip().endswith("ComfyUI-DomainStudio")]
+    assert loaded and "IMPORT FAILED" not in loaded[0], log[-3000:]  # the import-times list names us
     exts = server.get("/extensions")
     assert any(e.endswith("domainstudio.js") for e in exts), exts
 

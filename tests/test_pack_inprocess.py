@@ -49,11 +49,11 @@ def test_stock_checkpoint_loader_detects_tiny_sd15(comfy, sd15):
 
 
 def test_stock_unet_loader_detects_tiny_sdxl(comfy, sdxl):
-    import comfy.model_base
+    from comfy import model_base
     import comfy.supported_models as sm
 
     model, clip, _ = sdxl
-    assert isinstance(model.model, comfy.model_base.SDXL)
+    assert isinstance(model.model, model_base.SDXL)
     assert isinstance(model.model.model_config, sm.SDXL)
     cond, pooled = clip.encode_from_tokens(clip.tokenize("a house"), return_pooled=True)
     assert cond.shape[-1] == 2048 and pooled.shape[-1] == 1280

@@ -78,7 +78,12 @@ class DomainStudioConfig:
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
                 bad(name, v, "use a finite number >= 0")
-        if not math.isfinite(self.learning_rate) or self.learning_rate <= 0:
+        for name in ("steps", "batch_size", "prior_batch_size"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                bad(name, v, "use a whole number >= 0" if name == "prior_batch_size" else "use a whole number >= 1")
+        lr = self.learning_rate
+        if not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
             bad("learning_rate", self.learning_rate, "use a finite number > 0, e.g. 1e-4 (LoRA) or 5e-6 (full)")
         if self.steps < 1:
             bad("steps", self.steps, "use at least 1")

@@ -97,7 +97,8 @@ class AttachedDelta:
     alpha: float
 
     def parameters(self) -> list[torch.Tensor]:
-        return [p for m in self.modules.values() for p in m.parameters() if p.requires_grad]
+        """The trained tensors (LoRA factors or full deltas; LoRA alpha is a fixed hyper-parameter)."""
+        return [p for m in self.modules.values() for n, p in m.named_parameters() if not n.endswith("alpha")]
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The trained delta as a portable file (kohya names; see trainer/deltas.py)."""

@@ -1,0 +1,97 @@
+"""DomainStudio demo: a real ComfyUI server (CPU) runs example_workflows/domainstudio_api.json.
+
+Builds the tiny SD1.5-detectable checkpoint (cached), writes the embedded striped-tile domain into
+the server's input folder, trains, samples base vs adapted with the same seed, and copies the
+images, loss plot and LoRA file into demo_output/. Needs COMFYUI_DIR (scripts/demo.sh sets it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "tests"))
+sys.path.append(REPO)
+
+
+def build_checkpoint(comfy_dir: str, cache: str) -> str:
+    """The tiny checkpoint, built by a child process that imports ComfyUI on the CPU."""
+    import subprocess
+
+    import tiny_models
+
+    path = os.path.join(cache, f"tiny-v{tiny_models.TINY_VERSION}-demo", "checkpoints", "tiny_sd15.safetensors")
+    if not os.path.exists(path):
+        code = (
+            f"import sys; sys.path.insert(0, {comfy_dir!r}); sys.path.insert(0, {os.path.join(REPO, 'tests')!r});"
+            "import comfy.cli_args; comfy.cli_args.args.cpu = True;"
+            f"import tiny_models; tiny_models.build_sd15_checkpoint({path!r})"
+        )
+        subprocess.run([sys.executable, "-c", code], check=True)
+    return path
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--steps", type=int, default=60, help="training steps (default 60)")
+    ap.add_argument("--out", default=os.path.join(REPO, "demo_output"))
+    args = ap.parse_args()
+    comfy_dir = os.environ.get("COMFYUI_DIR")
+    if not comfy_dir:
+        sys.exit("COMFYUI_DIR is not set: run `bash scripts/demo.sh`")
+    cache = os.environ.get("DS_CACHE") or os.path.expanduser("~/.cache/comfyui-domainstudio")
+
+    from comfy_server import ComfyServer
+    from trainer.demo_data import write_domain
+
+    ckpt = build_checkpoint(comfy_dir, cache)
+    if os.path.exists(args.out):
+        shutil.rmtree(args.out)
+    base = os.path.join(args.out, "comfy_base")
+    os.makedirs(base)
+    write_domain(os.path.join(base, "input", "domainstudio_demo"), n=8, resolution=64)
+    with open(os.path.join(REPO, "example_workflows", "domainstudio_api.json")) as f:
+        wf = json.load(f)
+    wf["3"]["inputs"]["steps"] = args.steps
+
+    srv = ComfyServer(comfy_dir, base, REPO, {"checkpoints": os.path.dirname(ckpt)})
+    t0 = time.time()
+    srv.start()
+    print(f"ComfyUI up on {srv.url} in {time.time() - t0:.1f} s; training {args.steps} steps ...")
+    try:
+        t1 = time.time()
+
+        def show(msg):
+            d = msg.get("data", {})
+            if msg["type"] == "progress" and d.get("node") == "3" and (d["value"] % 10 == 0 or d["value"] == d["max"]):
+                print(f"  step {d['value']}/{d['max']}  ({time.time() - t1:.1f} s)")
+
+        prompt_id, msgs = srv.run(wf, timeout=3600, on_message=show)
+        errors = [m for m in msgs if m["type"] == "execution_error"]
+        if errors:
+            print(errors[0]["data"].get("traceback"), file=sys.stderr)
+            print(errors[0]["data"].get("exception_message"), file=sys.stderr)
+            return 1
+        outputs = srv.outputs(prompt_id)
+        for node, name in (("9", "adapted"), ("12", "base"), ("13", "loss")):
+            for i, im in enumerate(outputs[node]["images"]):
+                shutil.copy(srv.output_file(im), os.path.join(args.out, f"{name}_{i}.png"))
+        loras = os.path.join(base, "models", "loras")
+        for f in os.listdir(loras):
+            shutil.copy(os.path.join(loras, f), os.path.join(args.out, f))
+        lines = [l for l in srv.log().splitlines() if "DomainStudio" in l]
+        print("\n".join(lines[-4:]))
+        print(f"done in {time.time() - t1:.1f} s; results in {args.out}: "
+              + ", ".join(sorted(f for f in os.listdir(args.out) if f != "comfy_base")))
+    finally:
+        srv.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

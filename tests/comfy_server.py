@@ -122,8 +122,14 @@ class ComfyServer:
         finally:
             ws.close()
 
-    def outputs(self, prompt_id: str) -> dict:
-        return self.get(f"/history/{prompt_id}")[prompt_id]["outputs"]
+    def outputs(self, prompt_id: str, timeout: float = 30.0) -> dict:
+        # The websocket reports success a moment before the queue records the history entry.
+        deadline = time.time() + timeout
+        while True:
+            hist = self.get(f"/history/{prompt_id}")
+            if prompt_id in hist or time.time() > deadline:
+                return hist[prompt_id]["outputs"]
+            time.sleep(0.1)
 
     def output_file(self, image: dict) -> str:
         return os.path.join(self.base, "output", image.get("subfolder", ""), image["filename"])

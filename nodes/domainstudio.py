@@ -98,8 +98,14 @@ class DomainStudioTrainer(io.ComfyNode):
             prior = host.generate_class_latents(model, clip, source_prompt, prior_images, image_set.resolution, seed,
                                                 progress=lambda i: pbar.update_absolute(i))
 
+        history = {"total": []}
+
         def on_step(step, parts):
-            pbar.update_absolute(prior_images + step)  # also raises if the user pressed Cancel
+            history["total"].append(parts.total)
+            preview = None
+            if step % PREVIEW_EVERY == 0:  # the loss curve as the node's live preview
+                preview = ("JPEG", _to_pil(render_loss_plot(history, title=f"DomainStudio loss, step {step}")), 512)
+            pbar.update_absolute(prior_images + step, None, preview)  # also raises if the user pressed Cancel
             if step == 1 or step % 10 == 0 or step == steps:
                 log.info("DomainStudio step %d/%d: loss %.4f (simple %.4f img %.3g hf %.3g hfmse %.3g prior %.3g)",
                          step, steps, parts.total, parts.simple, parts.img, parts.hf, parts.hfmse, parts.prior)
@@ -129,8 +135,27 @@ class DomainStudioTrainer(io.ComfyNode):
             folder = folder_paths.get_folder_paths("loras")[0]
             saved = deltas.save_delta(deltas.unique_path(folder, save_name.strip()), out.delta, meta)
             log.info("DomainStudio: saved %s", saved)
-        plot = render_loss_plot({k: v for k, v in out.result.history.items() if any(v)}, title="DomainStudio loss")
+        plot = render_loss_plot(_weighted_history(out.result.history, cfg), title="DomainStudio loss (weighted terms)")
         return io.NodeOutput(out.model, out.delta, plot, saved)
+
+
+PREVIEW_EVERY = 25
+
+
+def _weighted_history(history: dict, cfg: DomainStudioConfig) -> dict:
+    """Each term as it enters the objective (lambda * L), so the plot shows what drives training."""
+    weights = {"img": cfg.lambda_img, "hf": cfg.lambda_hf, "hfmse": cfg.lambda_hfmse, "prior": cfg.lambda_prior}
+    out = {"total": history["total"], "simple": history["simple"]}
+    for k, w in weights.items():
+        if w > 0 and any(history[k]):
+            out[f"{w:g}*{k}"] = [w * v for v in history[k]]
+    return out
+
+
+def _to_pil(image):
+    from PIL import Image
+
+    return Image.fromarray((image[0].clamp(0, 1) * 255).byte().cpu().numpy())
 
 
 def _resolve_images(image_set, images, resolution) -> ImageSet:

@@ -1,6 +1,7 @@
 """Few-Shot Image Set: validate and prepare a handful of training images."""
 
 import logging
+import os
 
 import folder_paths
 from comfy_api.v0_0_2 import io
@@ -38,8 +39,8 @@ class FewShotImageSet(io.ComfyNode):
     @classmethod
     def execute(cls, resolution, flip, folder="", images=None) -> io.NodeOutput:
         folder = (folder or "").strip()
-        if folder and not _isabs(folder):
-            folder = _join(folder_paths.get_input_directory(), folder)
+        if folder and not os.path.isabs(os.path.expanduser(folder)):
+            folder = os.path.join(folder_paths.get_input_directory(), folder)
         try:
             image_set = prepare_image_set(images, folder or None, resolution, flip)
         except ImageSetError as e:
@@ -48,14 +49,3 @@ class FewShotImageSet(io.ComfyNode):
             log.warning("Few-Shot Image Set: %s", w)
         return io.NodeOutput(image_set, image_set.images, image_set.describe())
 
-
-def _isabs(p):
-    import os
-
-    return os.path.isabs(os.path.expanduser(p))
-
-
-def _join(a, b):
-    import os
-
-    return os.path.join(a, b)

@@ -216,3 +216,26 @@ def test_both_image_inputs_or_none_is_an_error(comfy, sd15):
     model, clip, vae = sd15
     with pytest.raises(ValueError, match="no training images"):
         _train(comfy, model, clip, vae, images=None)
+
+
+def test_progress_every_step_with_loss_curve_preview(comfy, sd15):
+    from comfy import utils as comfy_utils
+    from PIL import Image
+
+    model, clip, vae = sd15
+    seen = []
+    comfy_utils.set_progress_bar_global_hook(lambda value, total, preview, node_id=None: seen.append((value, total, preview)))
+    try:
+        _train(comfy, model, clip, vae, steps=25)
+    finally:
+        comfy_utils.set_progress_bar_global_hook(None)
+    assert [v for v, _, _ in seen] == list(range(1, 26)) and all(t == 25 for _, t, _ in seen)
+    previews = [p for _, _, p in seen if p is not None]
+    assert len(previews) == 1 and previews[0][0] == "JPEG" and isinstance(previews[0][1], Image.Image)
+
+
+def test_bf16_precision_trains_finite(comfy, sd15):
+    model, clip, vae = sd15
+    _, delta, _, _ = _train(comfy, model, clip, vae, steps=2, precision="bf16")
+    assert delta and all(torch.isfinite(v).all() for v in delta.values())
+    assert any(v.abs().sum() > 0 for k, v in delta.items() if k.endswith("lora_down.weight"))

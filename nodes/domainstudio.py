@@ -69,10 +69,10 @@ class DomainStudioTrainer(io.ComfyNode):
                                 tooltip="File name stem in models/loras (numbered, never overwritten). Empty = don't save."),
             ],
             outputs=[
-                io.Model.Output("adapted_model", tooltip="A patched copy of the input model; the input is untouched."),
-                io.LoraModel.Output("delta", tooltip="The trained weights (kohya keys), for Save LoRA / Load LoRA Model."),
-                io.Image.Output("loss_plot"),
-                io.String.Output("saved_path"),
+                io.Model.Output("adapted_model", display_name="model", tooltip="A patched copy of the input model; the input is untouched."),
+                io.LoraModel.Output("delta", display_name="delta", tooltip="The trained weights (kohya keys), for Save LoRA / Load LoRA Model."),
+                io.Image.Output("loss_plot", display_name="loss_plot"),
+                io.String.Output("saved_path", display_name="saved_path"),
             ],
         )
 

@@ -30,9 +30,9 @@ class FewShotImageSet(io.ComfyNode):
                 io.Boolean.Input("flip", default=False, tooltip="Add horizontally mirrored copies (augmentation)."),
             ],
             outputs=[
-                ImageSetType.Output("image_set"),
-                io.Image.Output("prepared_images", tooltip="The prepared images, for preview."),
-                io.String.Output("summary"),
+                ImageSetType.Output("image_set", display_name="image_set"),
+                io.Image.Output("prepared_images", display_name="images", tooltip="The prepared images, for preview."),
+                io.String.Output("summary", display_name="summary"),
             ],
         )
 

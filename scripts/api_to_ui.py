@@ -142,7 +142,9 @@ def default_value(spec):
 
 
 def _is_link(value) -> bool:
-    return isinstance(value, list) and len(value) == 2 and isinstance(value[1], int) and isinstance(value[0], (str, int))
+    """An API-format link: [source node id, output index]."""
+    return (isinstance(value, list) and len(value) == 2 and isinstance(value[0], (str, int))
+            and isinstance(value[1], int) and not isinstance(value[1], bool))
 
 
 # --------------------------------------------------------------------------- API -> UI

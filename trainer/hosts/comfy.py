@@ -95,6 +95,7 @@ class AttachedDelta:
     mode: str
     rank: int
     alpha: float
+    weight_shapes: dict[str, tuple[int, ...]]
 
     def parameters(self) -> list[torch.Tensor]:
         """The trained tensors (LoRA factors or full deltas; LoRA alpha is a fixed hyper-parameter)."""
@@ -106,7 +107,7 @@ class AttachedDelta:
         for name, m in self.modules.items():
             if m.inner is not None:
                 out.update(deltas.lora_entries(name, m.inner.lora_up.weight, m.inner.lora_down.weight,
-                                               float(m.inner.alpha), self._shapes[name]))
+                                               float(m.inner.alpha), self.weight_shapes[name]))
             else:
                 out.update(deltas.diff_entries(name, m.diff))
         return out
@@ -138,9 +139,7 @@ def attach_trainable(patcher, mode: str, rank: int = 8, alpha: float = 8.0, seed
                 wrapper.inner.alpha.requires_grad_(False)
             patcher.add_weight_wrapper(f"diffusion_model.{name}.weight", wrapper)
             modules[name] = wrapper
-    att = AttachedDelta(switch, modules, mode, rank, alpha)
-    att._shapes = shapes
-    return att
+    return AttachedDelta(switch, modules, mode, rank, alpha, shapes)
 
 
 class _TrainingGuider(comfy.samplers.CFGGuider):
@@ -340,6 +339,9 @@ def train_domainstudio_comfy(
 
         n = raw.shape[0]
         all_raw = raw if prior_latents is None else torch.cat([raw, prior_latents.to(raw)])
+        # Training needs room for activations and optimiser state that the sampling estimate does
+        # not count: like the built-in trainer, free other models and load this one fully.
+        comfy.model_management.load_models_gpu([work], memory_required=1e20, force_full_load=True)
 
         def run(model_wrap, extra_args, latent_in):
             make_autograd_safe(model_wrap.inner_model.diffusion_model)  # after load: weights are final here

@@ -36,7 +36,7 @@ def _train(comfy, model, clip, vae, **kw):
     node = comfy.node("DomainStudio_Train")
     args = dict(target_prompt="", source_prompt="", steps=4, learning_rate=1e-3, batch_size=3, resolution=RES,
                 lambda_img=100.0, lambda_hf=100.0, lambda_hfmse=0.1, train_mode="lora_attn", lora_rank=4,
-                lora_alpha=4.0, feature_space="latent", prior_images=0, lambda_prior=1.0, seed=0,
+                lora_alpha=4.0, feature_space="latent", prior_images=0, lambda_prior=1.0, train_seed=0,
                 precision="fp32", save_name="", images=_images())
     args.update(kw)
     with torch.inference_mode():  # as ComfyUI's executor runs nodes
@@ -107,9 +107,9 @@ def test_gradients_reach_exactly_the_trained_parameters(comfy, sd15):
 
 def test_fixed_seed_gives_identical_delta(comfy, sd15):
     model, clip, vae = sd15
-    _, d1, _, _ = _train(comfy, model, clip, vae, steps=3, seed=5)
-    _, d2, _, _ = _train(comfy, model, clip, vae, steps=3, seed=5)
-    _, d3, _, _ = _train(comfy, model, clip, vae, steps=3, seed=6)
+    _, d1, _, _ = _train(comfy, model, clip, vae, steps=3, train_seed=5)
+    _, d2, _, _ = _train(comfy, model, clip, vae, steps=3, train_seed=5)
+    _, d3, _, _ = _train(comfy, model, clip, vae, steps=3, train_seed=6)
     assert d1.keys() == d2.keys()
     assert all(torch.equal(d1[k], d2[k]) for k in d1)
     assert any(not torch.equal(d1[k], d3[k]) for k in d1)

@@ -46,7 +46,7 @@ def test_example_workflow_trains_and_changes_ksampler_output(server):
 
 def test_cancel_mid_training_stops_within_one_step(server):
     wf = _workflow(server, steps=400)
-    wf["3"]["inputs"]["seed"] = 1  # a different input than the other test, so nothing is cached
+    wf["3"]["inputs"]["train_seed"] = 1  # a different input than the other test, so nothing is cached
     state = {}
 
     def on_message(msg):

@@ -82,21 +82,22 @@ class DomainStudioTrainer(io.ComfyNode):
                 lambda_img, lambda_hf, lambda_hfmse, train_mode, lora_rank, lora_alpha, feature_space,
                 prior_images, lambda_prior, train_seed, precision, save_name, image_set=None, images=None) -> io.NodeOutput:
         image_set = _resolve_images(image_set, images, resolution)
+        n_prior = prior_images if lambda_prior > 0 else 0  # class images are made only when they are used
         cfg = DomainStudioConfig(
             steps=steps, learning_rate=learning_rate, batch_size=batch_size, lambda_img=lambda_img,
-            lambda_hf=lambda_hf, lambda_hfmse=lambda_hfmse, lambda_prior=lambda_prior if prior_images else 0.0,
+            lambda_hf=lambda_hf, lambda_hfmse=lambda_hfmse, lambda_prior=lambda_prior if n_prior else 0.0,
             seed=train_seed,
         )
         try:
-            cfg.validate(len(image_set), prior_images)
+            cfg.validate(len(image_set), n_prior)
         except TrainingError as e:
             raise ValueError(f"DomainStudio Train: {e}") from None
 
-        pbar = comfy.utils.ProgressBar(steps + prior_images)
+        pbar = comfy.utils.ProgressBar(steps + n_prior)
         prior = None
-        if prior_images and lambda_prior > 0:
-            log.info("DomainStudio: generating %d class images from %r", prior_images, source_prompt)
-            prior = host.generate_class_latents(model, clip, source_prompt, prior_images, image_set.resolution, train_seed,
+        if n_prior:
+            log.info("DomainStudio: generating %d class images from %r", n_prior, source_prompt)
+            prior = host.generate_class_latents(model, clip, source_prompt, n_prior, image_set.resolution, train_seed,
                                                 progress=lambda i: pbar.update_absolute(i))
 
         history = {"total": []}
@@ -106,7 +107,7 @@ class DomainStudioTrainer(io.ComfyNode):
             preview = None
             if step % PREVIEW_EVERY == 0:  # the loss curve as the node's live preview
                 preview = ("JPEG", _to_pil(render_loss_plot(history, title=f"DomainStudio loss, step {step}")), 512)
-            pbar.update_absolute(prior_images + step, None, preview)  # also raises if the user pressed Cancel
+            pbar.update_absolute(n_prior + step, None, preview)  # also raises if the user pressed Cancel
             if step == 1 or step % 10 == 0 or step == steps:
                 log.info("DomainStudio step %d/%d: loss %.4f (simple %.4f img %.3g hf %.3g hfmse %.3g prior %.3g)",
                          step, steps, parts.total, parts.simple, parts.img, parts.hf, parts.hfmse, parts.prior)
@@ -130,7 +131,7 @@ class DomainStudioTrainer(io.ComfyNode):
                 trigger=target_prompt,
                 training={**cfg.__dict__, "train_mode": train_mode, "feature_space": feature_space,
                           "target_prompt": target_prompt, "source_prompt": source_prompt,
-                          "prior_images": prior_images, "precision": precision, "images": len(image_set),
+                          "prior_images": n_prior, "precision": precision, "images": len(image_set),
                           "resolution": image_set.resolution},
             )
             folder = folder_paths.get_folder_paths("loras")[0]

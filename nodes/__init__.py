@@ -5,8 +5,10 @@ from comfy_api.v0_0_2 import ComfyExtension
 
 from .domainstudio import DomainStudioTrainer
 from .image_set import FewShotImageSet
+from .weights import DomainStudioLoadWeights
+from .personalize import PersonalizeTrainer
 
-NODES = [FewShotImageSet, DomainStudioTrainer]
+NODES = [FewShotImageSet, DomainStudioTrainer, PersonalizeTrainer, DomainStudioLoadWeights]
 
 
 class DomainStudioExtension(ComfyExtension):

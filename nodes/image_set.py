@@ -42,7 +42,7 @@ class FewShotImageSet(io.ComfyNode):
         if folder and not os.path.isabs(os.path.expanduser(folder)):
             folder = os.path.join(folder_paths.get_input_directory(), folder)
         try:
-            image_set = prepare_image_set(images, folder or None, resolution, flip)
+            image_set = prepare_image_set(images, folder or None, resolution, flip, min_images=1)  # trainers check their own minimum
         except ImageSetError as e:
             raise ValueError(f"Few-Shot Image Set: {e}") from None
         for w in image_set.warnings:

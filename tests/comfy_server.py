@@ -23,7 +23,8 @@ def free_port() -> int:
 
 
 class ComfyServer:
-    def __init__(self, comfy_dir: str, base_dir: str, pack_dir: str, model_dirs: dict[str, str]):
+    def __init__(self, comfy_dir: str, base_dir: str, pack_dir: str, model_dirs: dict[str, str],
+                 extra_packs: dict[str, str] | None = None):
         self.comfy_dir = comfy_dir
         self.base = base_dir
         self.port = free_port()
@@ -31,9 +32,10 @@ class ComfyServer:
         packs = os.path.join(base_dir, "packs")
         for d in (packs, os.path.join(base_dir, "custom_nodes")):  # main.py lists the latter at start-up
             os.makedirs(d, exist_ok=True)
-        link = os.path.join(packs, "ComfyUI-DomainStudio")
-        if not os.path.islink(link):
-            os.symlink(pack_dir, link)
+        for name, path in {"ComfyUI-DomainStudio": pack_dir, **(extra_packs or {})}.items():
+            link = os.path.join(packs, name)
+            if not os.path.islink(link):
+                os.symlink(path, link)
         lines = ["domainstudio_tests:", f"  base_path: {base_dir}", "  custom_nodes: packs"]
         lines += [f"  {kind}: {path}" for kind, path in model_dirs.items()]
         self.yaml = os.path.join(base_dir, "extra_model_paths.yaml")

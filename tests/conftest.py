@@ -139,7 +139,7 @@ def server(tmp_path_factory, tiny_models):
     srv = ComfyServer(comfy_dir(), base, REPO, {
         "checkpoints": os.path.dirname(tiny_models["sd15"]),
         "diffusion_models": os.path.dirname(tiny_models["sdxl_unet"]),
-    })
+    }, extra_packs={"ds_test_nodes": os.path.join(TESTS, "comfy_test_nodes")})
     try:
         srv.start()
         yield srv

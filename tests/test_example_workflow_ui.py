@@ -1,4 +1,4 @@
-"""The UI-format example workflow (example_workflows/domainstudio_basic.json, what ComfyUI's template
+"""The UI-format example workflows (example_workflows/*_basic.json, what ComfyUI's template
 browser loads) against a live server: in sync with the API-format example, structurally valid for the
 node definitions the server reports, and equivalent to the API workflow."""
 
@@ -15,8 +15,8 @@ from conftest import REPO
 
 pytestmark = [pytest.mark.comfy, pytest.mark.e2e]
 
-API_PATH = os.path.join(REPO, "example_workflows", "domainstudio_api.json")
-UI_PATH = os.path.join(REPO, "example_workflows", "domainstudio_basic.json")
+# (API-format workflow, its UI-format twin) per example.
+PAIRS = [("domainstudio_api.json", "domainstudio_basic.json"), ("personalize_api.json", "personalize_basic.json")]
 SCRIPT = os.path.join(REPO, "scripts", "api_to_ui.py")
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 CONTROL_MODES = {"fixed", "increment", "decrement", "randomize"}
@@ -42,41 +42,47 @@ def object_info(server):
     return server.get("/object_info")
 
 
-@pytest.fixture(scope="module")
-def api():
-    return _read(API_PATH)
+@pytest.fixture(scope="module", params=PAIRS, ids=[a.split("_")[0] for a, _ in PAIRS])
+def pair(request):
+    return request.param
 
 
 @pytest.fixture(scope="module")
-def ui():
-    return _read(UI_PATH)
+def api(pair):
+    return _read(os.path.join(REPO, "example_workflows", pair[0]))
 
 
-def _regen_hint(tmp_path, object_info) -> str:
+@pytest.fixture(scope="module")
+def ui(pair):
+    return _read(os.path.join(REPO, "example_workflows", pair[1]))
+
+
+def _regen_hint(tmp_path, object_info, pair) -> str:
     saved = tmp_path / "object_info.json"
     saved.write_text(json.dumps(object_info))
-    cmd = [sys.executable, "scripts/api_to_ui.py", "example_workflows/domainstudio_api.json",
-           "--object-info", str(saved), "-o", "example_workflows/domainstudio_basic.json"]
-    return ("example_workflows/domainstudio_basic.json is out of date; regenerate it (in the repo root) with\n  "
+    cmd = [sys.executable, "scripts/api_to_ui.py", f"example_workflows/{pair[0]}",
+           "--object-info", str(saved), "-o", f"example_workflows/{pair[1]}"]
+    return (f"example_workflows/{pair[1]} is out of date; regenerate it (in the repo root) with\n  "
             + shlex.join(cmd) + "\n(or --object-info http://127.0.0.1:8188 against a running ComfyUI with this pack)")
 
 
 # ------------------------------------------------------------------ (a) in sync with the API workflow
 
-def test_ui_workflow_matches_conversion_of_api_workflow(api, ui, object_info, tmp_path):
+def test_ui_workflow_matches_conversion_of_api_workflow(api, ui, object_info, tmp_path, pair):
     expected = conv.convert(api, object_info)
     if ui != expected:
-        pytest.fail(_regen_hint(tmp_path, object_info), pytrace=False)
+        pytest.fail(_regen_hint(tmp_path, object_info, pair), pytrace=False)
 
 
-def test_cli_reproduces_the_committed_file_byte_for_byte(object_info, tmp_path):
+def test_cli_reproduces_the_committed_file_byte_for_byte(object_info, tmp_path, pair):
     saved = tmp_path / "object_info.json"
     saved.write_text(json.dumps(object_info))
     out = tmp_path / "out.json"
-    r = subprocess.run([sys.executable, SCRIPT, API_PATH, "--object-info", str(saved), "-o", str(out)],
+    api_path, ui_path = (os.path.join(REPO, "example_workflows", f) for f in pair)
+    r = subprocess.run([sys.executable, SCRIPT, api_path, "--object-info", str(saved), "-o", str(out)],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
-    with open(UI_PATH, encoding="utf-8") as f:
+    with open(ui_path, encoding="utf-8") as f:
         committed = f.read()
     if out.read_text(encoding="utf-8") != committed:
         pytest.fail(_regen_hint(tmp_path, object_info), pytrace=False)
@@ -237,11 +243,12 @@ def test_round_trip_to_api_format_gives_the_api_workflow(api, ui, object_info):
 
 # ------------------------------------------------------------------ the server offers it as a template
 
-def test_server_lists_and_serves_the_template(server, ui):
+def test_server_lists_and_serves_the_template(server, ui, pair):
+    stem = pair[1].removesuffix(".json")
     templates = server.get("/workflow_templates")
-    pack = next((name for name, files in templates.items() if "domainstudio_basic" in files), None)
+    pack = next((name for name, files in templates.items() if stem in files), None)
     assert pack, templates
-    assert server.get(f"/api/workflow_templates/{pack}/domainstudio_basic.json") == ui
+    assert server.get(f"/api/workflow_templates/{pack}/{pair[1]}") == ui
 
 
 # ------------------------------------------------------------------ converter details (synthetic defs)

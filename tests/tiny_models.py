@@ -131,6 +131,6 @@ def _atomic_save(sd: dict, path: str) -> None:
     import safetensors.torch
 
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = path + ".tmp"
+    tmp = f"{path}.{os.getpid()}.tmp"  # per process: two test runs building the cache at once must not share it
     safetensors.torch.save_file({k: v.contiguous() for k, v in sd.items()}, tmp)
     os.replace(tmp, path)

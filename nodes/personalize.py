@@ -5,12 +5,13 @@ One node with a method choice rather than one node per method: the four methods 
 the same graph."""
 
 import logging
+import os
 
 import comfy.utils
 import folder_paths
 from comfy_api.v0_0_2 import io
 
-from ..trainer import deltas
+from ..trainer import deltas, embeddings
 from ..trainer.domainstudio import TrainingError
 from ..trainer.hosts import comfy as host
 from ..trainer.hosts import comfy_personalize as phost
@@ -148,16 +149,23 @@ class PersonalizeTrainer(io.ComfyNode):
                         "class_images": n_prior, "precision": precision, "images": len(image_set),
                         "resolution": image_set.resolution,
                         "seconds": {s.name: round(s.seconds, 3) for s in out.stages}}
-            if out.vectors is not None:
-                saved.append(_save_embedding(out.vectors, cfg, family, training))
-            if out.delta is not None:
-                is_lora = train_mode.startswith("lora")
-                meta = deltas.build_metadata(
-                    kind="lora" if is_lora else "diff", family=family, title=save_name.strip(), method=method,
-                    rank=lora_rank if is_lora else None, alpha=lora_alpha if is_lora else None,
-                    trigger=cfg.instance_prompt(), training=training)
-                folder = folder_paths.get_folder_paths("loras")[0]
-                saved.append(deltas.save_delta(deltas.unique_path(folder, save_name.strip()), out.delta, meta))
+            common = dict(family=family, method=method, training=training, fingerprint=host.fingerprint(model),
+                          resolution=image_set.resolution, dtype=host.SAVE_DTYPE)
+            try:
+                if out.vectors is not None:
+                    meta = deltas.build_metadata(kind="embedding", title=cfg.trigger.strip(), trigger=cfg.trigger.strip(),
+                                                 steps=cfg.ti_steps, learning_rate=ti_learning_rate, **common)
+                    saved.append(_save_embedding(out.vectors, cfg.trigger.strip(), meta))
+                if out.delta is not None:
+                    is_lora = train_mode.startswith("lora")
+                    meta = deltas.build_metadata(
+                        kind="lora" if is_lora else "diff", title=save_name.strip(), rank=lora_rank if is_lora else None,
+                        alpha=lora_alpha if is_lora else None, trigger=cfg.instance_prompt(), steps=cfg.unet_steps,
+                        learning_rate=unet_learning_rate, **common)
+                    folder = folder_paths.get_folder_paths("loras")[0]
+                    saved.append(deltas.save_delta(deltas.unique_path(folder, save_name.strip()), out.delta, meta))
+            except deltas.WeightFileError as e:
+                raise ValueError(f"{NODE}: saving failed ({e}); files listed as saved before it: {saved}") from None
             for p in saved:
                 log.info("Personalize: saved %s", p)
         plot = render_loss_plot({f"{s.name} loss": s.history["loss"] for s in out.stages} or {"loss": []},
@@ -165,22 +173,13 @@ class PersonalizeTrainer(io.ComfyNode):
         return io.NodeOutput(out.model, out.clip, cfg.instance_prompt(), out.delta or {}, plot, "\n".join(saved))
 
 
-def _save_embedding(vectors, cfg: PersonalizeConfig, family: str, training: dict) -> str:
+def _save_embedding(vectors, token: str, meta: dict) -> str:
     """models/embeddings/<token>.safetensors (the file name is the trigger word in A1111 and the
     NAME of ComfyUI's embedding:NAME); numbered instead if that name is taken."""
-    import os
-
-    from ..trainer import embeddings
-
     folder = folder_paths.get_folder_paths("embeddings")[0]
-    token = cfg.trigger.strip()
     path = os.path.join(folder, f"{token}.safetensors")
     if os.path.exists(path):
         path = deltas.unique_path(folder, token)
         log.warning("Personalize: embeddings/%s.safetensors exists; saved as %s (prompt with embedding:%s)",
                     token, os.path.basename(path), os.path.splitext(os.path.basename(path))[0])
-    meta = deltas.build_metadata(kind="embedding", family=family, title=token, method=cfg.method,
-                                 trigger=token, training=training)
-    arch = meta["modelspec.architecture"].rsplit("/", 1)[0]
-    meta["modelspec.architecture"] = f"{arch}/textual-inversion"
     return embeddings.save_embedding(path, vectors, meta)

@@ -136,7 +136,7 @@ def train_personalization_comfy(
 
             out.stages.append(run_in_sampler(work, {"target": empty}, raw, run_tokens, seed=cfg.seed))
             # Only the new token's vectors may have learned: nothing of the text encoder got a gradient.
-            touched = [n for n, p in clip.cond_stage_model.named_parameters() if p.requires_grad or p.grad is not None]
+            touched = [n for n, p in clip.cond_stage_model.named_parameters() if p.grad is not None]
             if touched:
                 raise TrainingError(f"internal error: stage 1 reached text-encoder weights {touched[:3]}")
             out.vectors = {k: p.detach().clone() for k, p in params.items()}

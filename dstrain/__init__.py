@@ -1,0 +1,1 @@
+"""Headless trainer (`python -m dstrain`); see __main__.py."""

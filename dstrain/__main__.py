@@ -1,0 +1,289 @@
+"""Headless trainer: `python -m dstrain` (run from the repository root).
+
+Trains DomainStudio or a personalization method on a folder of images against a Stable Diffusion
+checkpoint (single-file .safetensors/.ckpt, or a diffusers folder) and writes the same weight files
+as the ComfyUI nodes, a before/after sample grid and a run.json. No ComfyUI server or UI: ComfyUI's
+model code is used as a library (the tree .ci/setup.sh installs; --comfyui or $COMFYUI_DIR), so
+model detection (SD1.x/SD2.x/SDXL, eps/v) and the saved files are exactly the nodes'.
+
+    eval "$(bash .ci/setup.sh | tail -2)"
+    $DS_VENV/bin/python -m dstrain --images my_style/ --checkpoint sd15.safetensors --steps 400
+    $DS_VENV/bin/python -m dstrain --method rare_token --images my_dog/ --class-noun dog --checkpoint ...
+
+Ctrl-C stops training; nothing is written until training has finished (files are written to a
+temporary name and renamed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+METHODS = ("domainstudio", "rare_token", "textual_inversion", "dreambooth", "dreambooth_no_prior")
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m dstrain", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--images", required=True, help="folder of training images")
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", help="single-file SD checkpoint (.safetensors / .ckpt)")
+    src.add_argument("--diffusers", help="diffusers-format model folder (unet/, vae/, text_encoder/ ...)")
+    ap.add_argument("--method", choices=METHODS, default="domainstudio")
+    ap.add_argument("--out", default="dstrain_output", help="output folder (created)")
+    ap.add_argument("--name", default="", help="file name stem of the delta (default: the method)")
+    ap.add_argument("--comfyui", default=os.environ.get("COMFYUI_DIR", ""), help="ComfyUI tree (default $COMFYUI_DIR)")
+    ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    ap.add_argument("--resolution", type=int, default=512)
+    ap.add_argument("--flip", action="store_true", help="add mirrored copies of the images")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--batch-size", type=int, default=None, help="default: 4 (domainstudio) / 1 (personalization)")
+    ap.add_argument("--train-mode", default="lora_attn", choices=["lora_attn", "lora_all", "full_attn", "full_all"])
+    ap.add_argument("--rank", type=int, default=8)
+    ap.add_argument("--alpha", type=float, default=8.0)
+    ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    ds = ap.add_argument_group("domainstudio")
+    ds.add_argument("--steps", type=int, default=200)
+    ds.add_argument("--lr", type=float, default=1e-4)
+    ds.add_argument("--target-prompt", default="")
+    ds.add_argument("--source-prompt", default="")
+    ds.add_argument("--lambda-img", type=float, default=100.0)
+    ds.add_argument("--lambda-hf", type=float, default=100.0)
+    ds.add_argument("--lambda-hfmse", type=float, default=0.1)
+    ds.add_argument("--feature-space", choices=["latent", "pixel"], default="latent")
+    pz = ap.add_argument_group("personalization")
+    pz.add_argument("--class-noun", default="dog")
+    pz.add_argument("--token", default="ds_subject", help="new token (rare_token / textual_inversion)")
+    pz.add_argument("--identifier", default="sks", help="DreamBooth identifier")
+    pz.add_argument("--init-word", default="quaint")
+    pz.add_argument("--num-vectors", type=int, default=1)
+    pz.add_argument("--ti-steps", type=int, default=500)
+    pz.add_argument("--ti-lr", type=float, default=5e-3)
+    pz.add_argument("--unet-steps", type=int, default=400)
+    pz.add_argument("--unet-lr", type=float, default=1e-4)
+    ap.add_argument("--class-images", type=int, default=0,
+                    help="prior-preservation class images (dreambooth: default 100; domainstudio: default 0 = off)")
+    ap.add_argument("--lambda-prior", type=float, default=1.0)
+    sm = ap.add_argument_group("samples")
+    sm.add_argument("--sample-prompts", default="", help="'|'-separated prompts for the grid (default: the training prompt)")
+    sm.add_argument("--samples", type=int, default=4, help="samples per prompt (seeds 0..n-1)")
+    sm.add_argument("--sample-steps", type=int, default=20)
+    sm.add_argument("--cfg", type=float, default=6.0)
+    return ap.parse_args(argv)
+
+
+def import_comfy(comfy_dir: str, device: str):
+    if not comfy_dir or not os.path.isfile(os.path.join(comfy_dir, "comfy", "sd.py")):
+        sys.exit("dstrain: ComfyUI's code is needed as a library: pass --comfyui DIR or set COMFYUI_DIR "
+                 "(`eval \"$(bash .ci/setup.sh | tail -2)\"` installs the pinned tree)")
+    sys.path.insert(0, comfy_dir)
+    import torch
+
+    import comfy.cli_args
+
+    comfy.cli_args.args.cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+    import comfy.sd  # noqa: F401  (model_management reads the args on import)
+
+
+def load_model(args):
+    import comfy.diffusers_load
+    import comfy.sd
+
+    if args.checkpoint:
+        if not os.path.isfile(args.checkpoint):
+            sys.exit(f"dstrain: --checkpoint {args.checkpoint!r} is not a file")
+        model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(args.checkpoint)
+    else:
+        if not os.path.isdir(os.path.join(args.diffusers, "unet")):
+            sys.exit(f"dstrain: --diffusers {args.diffusers!r} is not a diffusers model folder (no unet/)")
+        model, clip, vae = comfy.diffusers_load.load_diffusers(args.diffusers)
+    if model is None or clip is None or vae is None:
+        sys.exit("dstrain: the checkpoint lacks a UNet, text encoder or VAE")
+    return model, clip, vae
+
+
+class Progress:
+    def __init__(self, total: int):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, unit="step", dynamic_ncols=True)
+
+    def __call__(self, label: str, loss: float):
+        self.bar.set_postfix_str(f"{label} loss {loss:.4f}")
+        self.bar.update(1)
+
+    def close(self):
+        self.bar.close()
+
+
+def sample_grid(model, clip, vae, prompts: list[str], n: int, resolution: int, steps: int, cfg: float):
+    """[len(prompts) * n, H, W, 3] images, row per prompt, seeds 0..n-1 (the same for every model)."""
+    import torch
+
+    import comfy.sample
+
+    from trainer.hosts.comfy import encode_prompt
+
+    rows = []
+    with torch.inference_mode():
+        neg = encode_prompt(clip, "")
+        for p in prompts:
+            pos = encode_prompt(clip, p)
+            for seed in range(n):
+                latent = torch.zeros([1, 4, resolution // 8, resolution // 8])
+                latent = comfy.sample.fix_empty_latent_channels(model, latent)
+                noise = comfy.sample.prepare_noise(latent, seed)
+                out = comfy.sample.sample(model, noise, steps, cfg, "euler", "normal", pos, neg, latent,
+                                          disable_pbar=True, seed=seed)
+                img = vae.decode(out)
+                rows.append(img.reshape(-1, *img.shape[-3:])[:1].clamp(0, 1))
+    return torch.cat(rows)
+
+
+def save_grid(images, cols: int, path: str):
+    import numpy as np
+    from PIL import Image
+
+    imgs = (images.float().cpu().numpy() * 255).round().astype(np.uint8)
+    n, h, w, _ = imgs.shape
+    rows = (n + cols - 1) // cols
+    canvas = np.full((rows * h, cols * w, 3), 255, np.uint8)
+    for i, im in enumerate(imgs):
+        r, c = divmod(i, cols)
+        canvas[r * h:(r + 1) * h, c * w:(c + 1) * w] = im
+    tmp = path + ".tmp.png"
+    Image.fromarray(canvas).save(tmp)
+    os.replace(tmp, path)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import_comfy(args.comfyui, args.device)
+    sys.path.insert(0, REPO)
+    import torch
+
+    from trainer import deltas, embeddings
+    from trainer.domainstudio import DomainStudioConfig, TrainingError
+    from trainer.hosts import comfy as host
+    from trainer.hosts import comfy_personalize as phost
+    from trainer.imageset import ImageSetError, prepare_image_set
+    from trainer.personalize import PersonalizeConfig, trains_unet, uses_token
+
+    personal = args.method != "domainstudio"
+    try:
+        image_set = prepare_image_set(None, args.images, args.resolution, args.flip, min_images=1 if personal else 2)
+    except ImageSetError as e:
+        sys.exit(f"dstrain: --images: {e}")
+    try:
+        name = deltas.sanitize_name(args.name or args.method, "--name")
+    except ValueError as e:
+        sys.exit(f"dstrain: {e}")
+    os.makedirs(args.out, exist_ok=True)
+    t_load = time.perf_counter()
+    model, clip, vae = load_model(args)
+    print(f"loaded {args.checkpoint or args.diffusers} ({host.model_family(model)}) in {time.perf_counter() - t_load:.1f} s; "
+          f"{image_set.describe()}")
+
+    batch = args.batch_size or (1 if personal else 4)
+    n_prior = args.class_images if args.method in ("dreambooth", "domainstudio") else 0
+    if args.method == "dreambooth" and not args.class_images:
+        n_prior = 100
+    if args.lambda_prior <= 0:
+        n_prior = 0
+    if personal:
+        cfg = PersonalizeConfig(method=args.method, class_noun=args.class_noun,
+                                trigger=args.token if uses_token(args.method) else args.identifier,
+                                init_word=args.init_word, num_vectors=args.num_vectors, ti_steps=args.ti_steps,
+                                ti_learning_rate=args.ti_lr, unet_steps=args.unet_steps,
+                                unet_learning_rate=args.unet_lr, batch_size=batch, lambda_prior=args.lambda_prior,
+                                seed=args.seed)
+        prompt = cfg.instance_prompt()
+        source_prompt = cfg.class_prompt()
+        total = (args.ti_steps if uses_token(args.method) else 0) + (args.unet_steps if trains_unet(args.method) else 0)
+    else:
+        cfg = DomainStudioConfig(steps=args.steps, learning_rate=args.lr, batch_size=batch, lambda_img=args.lambda_img,
+                                 lambda_hf=args.lambda_hf, lambda_hfmse=args.lambda_hfmse,
+                                 lambda_prior=args.lambda_prior if n_prior else 0.0, seed=args.seed)
+        prompt, source_prompt, total = args.target_prompt, args.source_prompt, args.steps
+    try:
+        warnings = cfg.validate(len(image_set), n_prior) if not personal else cfg.validate(len(image_set))
+    except TrainingError as e:
+        sys.exit(f"dstrain: {e}")
+    for w in (warnings or []) + image_set.warnings:
+        print(f"warning: {w}", file=sys.stderr)
+
+    prompts = [p for p in args.sample_prompts.split("|") if p.strip()] or [prompt]
+    res = image_set.resolution
+    before = sample_grid(model, clip, vae, prompts, args.samples, res, args.sample_steps, args.cfg) if args.samples else None
+
+    prior = None
+    if n_prior:
+        print(f"generating {n_prior} class images from {source_prompt!r}")
+        with torch.inference_mode():
+            prior = host.generate_class_latents(model, clip, source_prompt, n_prior, res, args.seed)
+    bar = Progress(total)
+    try:
+        with torch.inference_mode():
+            if personal:
+                out = phost.train_personalization_comfy(
+                    model, clip, vae, image_set.images, cfg, train_mode=args.train_mode, rank=args.rank,
+                    alpha=args.alpha, prior_latents=prior, precision=args.precision,
+                    on_step=lambda stage, step, loss: bar(stage, loss))
+                new_model, new_clip, delta, vectors = out.model, out.clip, out.delta, out.vectors
+                seconds = {s.name: s.seconds for s in out.stages}
+            else:
+                out = host.train_domainstudio_comfy(
+                    model, clip, vae, image_set.images, cfg, target_prompt=prompt, source_prompt=source_prompt,
+                    train_mode=args.train_mode, rank=args.rank, alpha=args.alpha, feature_space=args.feature_space,
+                    prior_latents=prior, precision=args.precision, on_step=lambda step, parts: bar("", parts.total))
+                new_model, new_clip, delta, vectors = out.model, clip, out.delta, None
+                seconds = {"domainstudio": out.result.seconds}
+    except TrainingError as e:
+        sys.exit(f"dstrain: {e}")
+    except KeyboardInterrupt:
+        sys.exit("dstrain: interrupted; nothing was written")
+    finally:
+        bar.close()
+
+    family = host.model_family(model)
+    common = dict(family=family, method=args.method, fingerprint=host.fingerprint(model), resolution=res,
+                  dtype=host.SAVE_DTYPE, training={k: v for k, v in vars(args).items()})
+    files = []
+    if vectors is not None:
+        meta = deltas.build_metadata(kind="embedding", title=cfg.trigger, trigger=cfg.trigger, steps=args.ti_steps,
+                                     learning_rate=args.ti_lr, **common)
+        path = os.path.join(args.out, f"{cfg.trigger}.safetensors")  # A1111's trigger word is the file name
+        files.append(embeddings.save_embedding(deltas.unique_path(args.out, cfg.trigger) if os.path.exists(path) else path,
+                                               vectors, meta))
+    if delta is not None:
+        is_lora = args.train_mode.startswith("lora")
+        meta = deltas.build_metadata(kind="lora" if is_lora else "diff", title=name, rank=args.rank if is_lora else None,
+                                     alpha=args.alpha if is_lora else None, trigger=prompt,
+                                     steps=args.unet_steps if personal else args.steps,
+                                     learning_rate=args.unet_lr if personal else args.lr, **common)
+        files.append(deltas.save_delta(deltas.unique_path(args.out, name), delta, meta))
+
+    run = {"method": args.method, "model": args.checkpoint or args.diffusers, "family": family,
+           "images": len(image_set), "resolution": res, "train_seconds": seconds, "files": files, "prompts": prompts,
+           "args": vars(args)}
+    if args.samples:
+        after = sample_grid(new_model, new_clip, vae, prompts, args.samples, res, args.sample_steps, args.cfg)
+        save_grid(before, args.samples, os.path.join(args.out, "samples_before.png"))
+        save_grid(after, args.samples, os.path.join(args.out, "samples_after.png"))
+        save_grid(torch.cat([before, after]), args.samples, os.path.join(args.out, "samples_before_after.png"))
+        run["grids"] = ["samples_before.png", "samples_after.png", "samples_before_after.png"]
+    with open(os.path.join(args.out, "run.json.tmp"), "w") as f:
+        json.dump(run, f, indent=1, default=str)
+    os.replace(os.path.join(args.out, "run.json.tmp"), os.path.join(args.out, "run.json"))
+    for p in files:
+        print(f"saved {p}")
+    print(f"wrote {os.path.join(args.out, 'run.json')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -121,6 +121,26 @@ def splits(n_subset: int, train_idx: list[int], seed: int = 0) -> dict:
     return {"shots": shots, "eval": evals, "classifier": rest}
 
 
+def sample_images(model, clip, vae, prompts: list[str], seed: int, steps: int, cfg: float) -> np.ndarray:
+    """One 64x64 sample per prompt (stock euler/normal sampling; prompt i uses seed 1000*seed + i),
+    [N, 64, 64, 3] in 0..1."""
+    import torch
+
+    import comfy.sample
+    from trainer.hosts.comfy import encode_prompt
+
+    out = []
+    with torch.inference_mode():
+        neg = encode_prompt(clip, "")
+        for i, p in enumerate(prompts):
+            latent = comfy.sample.fix_empty_latent_channels(model, torch.zeros([1, 4, 8, 8]))
+            noise = comfy.sample.prepare_noise(latent, 1000 * seed + i)
+            s = comfy.sample.sample(model, noise, steps, cfg, "euler", "normal", encode_prompt(clip, p), neg, latent,
+                                    disable_pbar=True, seed=1000 * seed + i)
+            out.append(vae.decode(s).float().clamp(0, 1).reshape(-1, 64, 64, 3)[0].cpu().numpy())
+    return np.stack(out)
+
+
 def grid(rows: list[np.ndarray], path: str) -> None:
     from PIL import Image
 
@@ -161,7 +181,6 @@ def main(argv=None) -> int:
     comfy()
     import torch
 
-    import comfy.sample
     import comfy.sd
     from trainer.domainstudio import DomainStudioConfig
     from trainer.hosts import comfy as host
@@ -186,17 +205,7 @@ def main(argv=None) -> int:
           f"{ev_real.mean():.2f}")
 
     def sample(m, prompts: list[str], seed: int) -> np.ndarray:
-        out = []
-        with torch.inference_mode():
-            neg = host.encode_prompt(clip, "")
-            for i, p in enumerate(prompts):
-                pos = host.encode_prompt(clip, p)
-                latent = comfy.sample.fix_empty_latent_channels(m, torch.zeros([1, 4, 8, 8]))
-                noise = comfy.sample.prepare_noise(latent, 1000 * seed + i)
-                s = comfy.sample.sample(m, noise, args.sample_steps, args.cfg, "euler", "normal", pos, neg, latent,
-                                        disable_pbar=True, seed=1000 * seed + i)
-                out.append(vae.decode(s).float().clamp(0, 1).reshape(-1, 64, 64, 3)[0].cpu().numpy())
-        return np.stack(out)
+        return sample_images(m, clip, vae, prompts, seed, args.sample_steps, args.cfg)
 
     shots_t = torch.from_numpy(shots)
     rows, grids = [], {}

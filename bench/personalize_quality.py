@@ -72,7 +72,6 @@ def main(argv=None) -> int:
     comfy()
     import torch
 
-    import comfy.sample
     import comfy.sd
     from trainer.hosts import comfy as host
     from trainer.hosts import comfy_personalize as phost
@@ -92,17 +91,7 @@ def main(argv=None) -> int:
     t_img = twitter["images"].astype(np.float32) / 255
 
     def sample(m, c, prompts, seed):
-        out = []
-        with torch.inference_mode():
-            neg = host.encode_prompt(c, "")
-            for i, p in enumerate(prompts):
-                pos = host.encode_prompt(c, p)
-                latent = comfy.sample.fix_empty_latent_channels(m, torch.zeros([1, 4, 8, 8]))
-                s = comfy.sample.sample(m, comfy.sample.prepare_noise(latent, 1000 * seed + i), args.sample_steps,
-                                        args.cfg, "euler", "normal", pos, neg, latent, disable_pbar=True,
-                                        seed=1000 * seed + i)
-                out.append(vae.decode(s).float().clamp(0, 1).reshape(-1, 64, 64, 3)[0].cpu().numpy())
-        return np.stack(out)
+        return dq.sample_images(m, c, vae, prompts, seed, args.sample_steps, args.cfg)
 
     rows, grid_rows = [], []
     for si in subjects:

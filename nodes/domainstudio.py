@@ -68,6 +68,14 @@ class DomainStudioTrainer(io.ComfyNode):
                                tooltip="Compute precision of the UNet while training (trainable weights stay fp32)."),
                 io.String.Input("save_name", default="domainstudio",
                                 tooltip="File name stem in models/loras (numbered, never overwritten). Empty = don't save."),
+                io.Combo.Input("save_format", options=list(SAVE_FORMATS), default="auto", optional=True,
+                               tooltip="auto: LoRA for lora_* modes, full weight differences (.diff) for full_* modes. "
+                               "diff: full differences (a LoRA is multiplied out). svd_lora: a LoRA of rank svd_rank "
+                               "extracted by truncated SVD (the relative error is logged and stored in the file)."),
+                io.Int.Input("svd_rank", default=32, min=1, max=1024, optional=True,
+                             tooltip="Rank of the LoRA that save_format=svd_lora extracts."),
+                io.Combo.Input("save_dtype", options=list(deltas.DTYPES), default="fp16", optional=True,
+                               tooltip="Precision of the saved file (the returned MODEL uses the same values)."),
             ],
             outputs=[
                 io.Model.Output("adapted_model", display_name="model", tooltip="A patched copy of the input model; the input is untouched."),
@@ -80,7 +88,19 @@ class DomainStudioTrainer(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, vae, target_prompt, source_prompt, steps, learning_rate, batch_size, resolution,
                 lambda_img, lambda_hf, lambda_hfmse, train_mode, lora_rank, lora_alpha, feature_space,
-                prior_images, lambda_prior, train_seed, precision, save_name, image_set=None, images=None) -> io.NodeOutput:
+                prior_images, lambda_prior, train_seed, precision, save_name, image_set=None, images=None,
+                save_format="auto", svd_rank=32, save_dtype="fp16") -> io.NodeOutput:
+        save_name = (save_name or "").strip()
+        try:  # checked before training, so a bad name never costs a training run
+            if save_name:
+                deltas.sanitize_name(save_name, "save_name")
+            if save_format not in SAVE_FORMATS:
+                raise ValueError(f"save_format={save_format!r} unknown; one of {', '.join(SAVE_FORMATS)}")
+            if save_dtype not in deltas.DTYPES:
+                raise ValueError(f"save_dtype={save_dtype!r} unknown; one of {', '.join(deltas.DTYPES)}")
+            dtype = deltas.DTYPES[save_dtype]
+        except ValueError as e:
+            raise ValueError(f"DomainStudio Train: {e}") from None
         image_set = _resolve_images(image_set, images, resolution)
         n_prior = prior_images if lambda_prior > 0 else 0  # class images are made only when they are used
         cfg = DomainStudioConfig(
@@ -116,32 +136,53 @@ class DomainStudioTrainer(io.ComfyNode):
             out = host.train_domainstudio_comfy(
                 model, clip, vae, image_set.images, cfg, target_prompt=target_prompt, source_prompt=source_prompt,
                 train_mode=train_mode, rank=lora_rank, alpha=lora_alpha, feature_space=feature_space,
-                prior_latents=prior, precision=precision, on_step=on_step)
+                prior_latents=prior, precision=precision, on_step=on_step, save_dtype=dtype)
         except TrainingError as e:
             raise ValueError(f"DomainStudio Train: {e}") from None
         log.info("DomainStudio: %d steps in %.1f s (%.2f steps/s)", out.result.steps_done, out.result.seconds,
                  out.result.steps_per_second)
 
         saved = ""
-        if save_name.strip():
-            is_lora = train_mode.startswith("lora")
-            meta = deltas.build_metadata(
-                kind="lora" if is_lora else "diff", family=host.model_family(model), title=save_name.strip(),
-                method="domainstudio", rank=lora_rank if is_lora else None, alpha=lora_alpha if is_lora else None,
-                trigger=target_prompt,
-                training={**cfg.__dict__, "train_mode": train_mode, "feature_space": feature_space,
-                          "target_prompt": target_prompt, "source_prompt": source_prompt,
-                          "prior_images": n_prior, "precision": precision, "images": len(image_set),
-                          "resolution": image_set.resolution},
-            )
-            folder = folder_paths.get_folder_paths("loras")[0]
-            saved = deltas.save_delta(deltas.unique_path(folder, save_name.strip()), out.delta, meta)
-            log.info("DomainStudio: saved %s", saved)
+        if save_name:
+            training = {**cfg.__dict__, "train_mode": train_mode, "feature_space": feature_space,
+                        "target_prompt": target_prompt, "source_prompt": source_prompt, "prior_images": n_prior,
+                        "precision": precision, "images": len(image_set), "resolution": image_set.resolution,
+                        "lora_rank": lora_rank, "lora_alpha": lora_alpha, "save_format": save_format}
+            try:
+                tensors, kind, rank, alpha, extra = _export_delta(out, train_mode, lora_rank, lora_alpha, save_format,
+                                                                  svd_rank)
+                meta = deltas.build_metadata(
+                    kind=kind, family=host.model_family(model), title=save_name, method="domainstudio", rank=rank,
+                    alpha=alpha, trigger=target_prompt, training=training, fingerprint=host.fingerprint(model),
+                    steps=out.result.steps_done, resolution=image_set.resolution, learning_rate=learning_rate,
+                    dtype=dtype, extra=extra)
+                folder = folder_paths.get_folder_paths("loras")[0]
+                saved = deltas.save_delta(deltas.unique_path(folder, save_name), tensors, meta, dtype=dtype)
+            except deltas.WeightFileError as e:
+                raise ValueError(f"DomainStudio Train: saving failed, nothing written: {e}") from None
+            log.info("DomainStudio: saved %s (%s, %s)", saved, kind, save_dtype)
         plot = render_loss_plot(_weighted_history(out.result.history, cfg), title="DomainStudio loss (weighted terms)")
         return io.NodeOutput(out.model, out.delta, plot, saved)
 
 
 PREVIEW_EVERY = 25
+SAVE_FORMATS = ("auto", "diff", "svd_lora")
+
+
+def _export_delta(out, train_mode, lora_rank, lora_alpha, save_format, svd_rank):
+    """(tensors, kind, rank, alpha, extra metadata) of the file to write for `save_format`."""
+    is_lora = train_mode.startswith("lora")
+    if save_format == "auto":
+        return (out.delta, "lora" if is_lora else "diff", lora_rank if is_lora else None,
+                lora_alpha if is_lora else None, {})
+    exact = out.attached.state_dict()  # fp32, before the cast to the file dtype
+    if save_format == "diff":
+        return deltas.lora_to_diff(exact), "diff", None, None, {}
+    tensors, report = deltas.extract_lora_svd(exact, svd_rank)
+    log.info("DomainStudio: %s", report.describe())
+    extra = {"domainstudio.svd_rank": report.rank, "domainstudio.svd_rel_error": f"{report.rel_error:.6g}",
+             "domainstudio.svd_max_layer_rel_error": f"{report.max_layer_rel_error:.6g}"}
+    return tensors, "svd_lora", svd_rank, float(svd_rank), extra
 
 
 def _weighted_history(history: dict, cfg: DomainStudioConfig) -> dict:
@@ -160,14 +201,14 @@ def _to_pil(image):
     return Image.fromarray((image[0].clamp(0, 1) * 255).byte().cpu().numpy())
 
 
-def _resolve_images(image_set, images, resolution) -> ImageSet:
+def _resolve_images(image_set, images, resolution, node: str = "DomainStudio Train", min_images: int = 2) -> ImageSet:
     if image_set is not None and images is not None:
-        raise ValueError("DomainStudio Train: connect either image_set or images, not both")
+        raise ValueError(f"{node}: connect either image_set or images, not both")
     if image_set is not None:
         return image_set
     if images is None:
-        raise ValueError("DomainStudio Train: no training images; connect a Few-Shot Image Set or an IMAGE batch")
+        raise ValueError(f"{node}: no training images; connect a Few-Shot Image Set or an IMAGE batch")
     try:
-        return prepare_image_set(images, None, resolution, flip=False)
+        return prepare_image_set(images, None, resolution, flip=False, min_images=min_images)
     except ImageSetError as e:
-        raise ValueError(f"DomainStudio Train: images: {e}") from None
+        raise ValueError(f"{node}: images: {e}") from None

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from dataclasses import dataclass
 from typing import Callable
 
@@ -288,12 +289,12 @@ def generate_class_latents(model, clip, prompt: str, count: int, resolution: int
 @dataclass
 class ComfyTrainOutput:
     model: object  # patched ModelPatcher clone (stock LoRA/diff patches, as LoraLoader makes them)
-    delta: dict[str, torch.Tensor]  # exactly the tensors saved to disk (SAVE_DTYPE)
+    delta: dict[str, torch.Tensor]  # the trained delta in the file's dtype (save_dtype); the MODEL uses these values
     result: TrainResult
     attached: AttachedDelta
 
 
-SAVE_DTYPE = torch.float16  # the file's dtype; the returned MODEL uses these same values
+SAVE_DTYPE = torch.float16  # default file dtype; the returned MODEL uses the same values as the file
 
 
 def run_in_sampler(patcher, conds: dict, latents: torch.Tensor, fn: Callable, seed: int = 0):
@@ -310,7 +311,7 @@ def train_domainstudio_comfy(
     model, clip, vae, images: torch.Tensor, cfg: DomainStudioConfig, *,
     target_prompt: str = "", source_prompt: str = "", train_mode: str = "lora_attn", rank: int = 8,
     alpha: float = 8.0, feature_space: str = "latent", prior_latents: torch.Tensor | None = None,
-    precision: str = "fp32", on_step: Callable | None = None,
+    precision: str = "fp32", on_step: Callable | None = None, save_dtype: torch.dtype = SAVE_DTYPE,
 ) -> ComfyTrainOutput:
     """Run DomainStudio on a ComfyUI MODEL. `images` IMAGE [N, R, R, 3]; the input model is never
     modified (training happens on a clone whose wrappers are discarded afterwards)."""
@@ -353,7 +354,7 @@ def train_domainstudio_comfy(
                                           prior_x0=prior, on_step=on_step)
 
         result = run_in_sampler(work, conds, all_raw, run, seed=cfg.seed)
-        delta = {k: v.detach().to(SAVE_DTYPE).clone() for k, v in attached.state_dict().items()}
+        delta = {k: v.detach().to(save_dtype).clone() for k, v in attached.state_dict().items()}
         for m in attached.modules.values():
             m.requires_grad_(False)
 
@@ -383,3 +384,171 @@ def denoising_loss_on_set(model, clip, vae, images: torch.Tensor, prompt: str = 
             return total / draws
 
         return run_in_sampler(model.clone(), conds, raw, run, seed=seed)
+
+
+# ---------------------------------------------------------------------------------------------
+# Weight files: fingerprint, applying saved deltas and embeddings (see trainer/deltas.py,
+# trainer/embeddings.py)
+# ---------------------------------------------------------------------------------------------
+
+def unet_base_state(model) -> dict[str, torch.Tensor]:
+    """The UNet state dict of a ComfyUI MODEL (ldm names, no prefix) with the *unpatched* weights:
+    when a patched clone of the same model is loaded, ComfyUI has written its patches into the
+    shared weights and kept the originals in that clone's `backup`; those are substituted here."""
+    base = model.model
+    state = dict(base.diffusion_model.state_dict())
+    clones = [model] + [lm.model for lm in comfy.model_management.current_loaded_models
+                        if lm.model is not None and getattr(lm.model, "model", None) is base]
+    for patcher in clones:
+        for key, bk in getattr(patcher, "backup", {}).items():
+            if key.startswith("diffusion_model."):
+                state[key[len("diffusion_model."):]] = bk.weight
+    return state
+
+
+def fingerprint(model) -> str:
+    """deltas.model_fingerprint of a ComfyUI MODEL's base UNet weights."""
+    return deltas.model_fingerprint(unet_base_state(model))
+
+
+_ADAPTER_SUFFIXES = (".lora_up.weight", ".lora_down.weight", ".lora_mid.weight", ".alpha", ".dora_scale",
+                     ".lora_A.weight", ".lora_B.weight", ".lora.up.weight", ".lora.down.weight", ".diff", ".diff_b",
+                     ".set_weight", ".w_norm", ".b_norm", ".hada_w1_a", ".hada_w1_b", ".hada_w2_a", ".hada_w2_b",
+                     ".hada_t1", ".hada_t2", ".lokr_w1", ".lokr_w2", ".lokr_w1_a", ".lokr_w1_b", ".lokr_w2_a",
+                     ".lokr_w2_b", ".lokr_t2", ".oft_blocks", ".rescale")
+
+
+def unmatched_lora_keys(model, clip, tensors: dict[str, torch.Tensor]) -> list[str]:
+    """Keys of a LoRA/diff state dict that ComfyUI would report as 'lora key not loaded' for this
+    MODEL (and CLIP, when given): the architecture check done before anything is patched."""
+    import comfy.lora
+    import comfy.lora_convert
+
+    key_map = {}
+    if model is not None:
+        key_map = comfy.lora.model_lora_keys_unet(model.model, key_map)
+    if clip is not None:
+        key_map = comfy.lora.model_lora_keys_clip(clip.cond_stage_model, key_map)
+    converted = comfy.lora_convert.convert_lora(dict(tensors))
+    missing = []
+    for k in converted:
+        base = next((k[: -len(s)] for s in _ADAPTER_SUFFIXES if k.endswith(s)), None)
+        if base is None:
+            base = k.partition(".")[0]
+        if base not in key_map and not k.startswith("bundle_emb."):
+            missing.append(k)
+    return missing
+
+
+@dataclass
+class AppliedWeights:
+    model: object
+    clip: object
+    info: str
+    mismatches: list
+
+
+def apply_delta_file(model, clip, path: str, strength_model: float = 1.0, strength_clip: float = 1.0,
+                     override: bool = False) -> AppliedWeights:
+    """Patch MODEL (and CLIP for text-encoder deltas) with a saved LoRA/diff file, after checking its
+    architecture (metadata and key names) and base-model fingerprint against the loaded model."""
+    tensors, md = deltas.read_weight_file(path)
+    name = os.path.basename(path)
+    mismatches = deltas.check_compatible(md, family=model_family(model), fingerprint=fingerprint(model),
+                                         override=override, name=name)
+    has_te = any(k.startswith(("lora_te", "text_encoders.")) for k in tensors)
+    missing = unmatched_lora_keys(model, clip if has_te else None, tensors)
+    if has_te and clip is None:
+        mismatches.append("the file has text-encoder weights but no CLIP is connected; they are ignored")
+    if missing:
+        msg = (f"{len(missing)} of {len(tensors)} weights in {name} match no layer of the loaded model "
+               f"(first: {missing[0]}): it was made for another architecture")
+        if not override:
+            raise deltas.WeightFileError(msg + ". Load the matching model, or set ignore_mismatch to apply the rest")
+        mismatches.append(msg)
+        tensors = {k: v for k, v in tensors.items() if k not in set(missing)}
+    new_model, new_clip = comfy.sd.load_lora_for_models(model, clip if has_te else None, tensors, strength_model,
+                                                        strength_clip)
+    info = (f"{name}: {md.get('domainstudio.kind', 'delta')} ({md.get('domainstudio.method', 'unknown method')}), "
+            f"{len(tensors)} tensors, strength {strength_model:g}")
+    if mismatches:
+        info += " | applied despite: " + "; ".join(mismatches)
+    return AppliedWeights(new_model, new_clip if new_clip is not None else clip, info, mismatches)
+
+
+def _sub_tokenizers(tokenizer):
+    from comfy.sd1_clip import SDTokenizer
+
+    for attr, value in list(vars(tokenizer).items()):
+        if isinstance(value, SDTokenizer):
+            yield attr, value
+
+
+def clip_with_embedding(clip, name: str, vectors: dict[str, torch.Tensor], strength: float = 1.0):
+    """A clone of `clip` whose prompts resolve `embedding:<name>` to `vectors` (scaled by
+    `strength`), whatever its embedding folders hold. The input CLIP and its tokenizer are untouched
+    (CLIP.clone shares the tokenizer, so it is copied)."""
+    import copy
+    import types
+
+    new = clip.clone()
+    new.tokenizer = copy.copy(clip.tokenizer)
+    hooked = 0
+    for attr, tok in _sub_tokenizers(new.tokenizer):
+        vec = vectors.get(tok.embedding_key)
+        if vec is None:
+            continue
+        sub = copy.copy(tok)
+        if sub.embedding_directory is None:
+            sub.embedding_directory = []  # ComfyUI only parses embedding:NAME when a directory is set
+        base_lookup = tok._try_get_embedding
+        scaled = (vec.float() * float(strength))
+
+        def _try_get_embedding(self, embedding_name, _base=base_lookup, _vec=scaled):
+            parts = embedding_name.split()
+            if parts:
+                word = parts[0].strip(",")
+                stem = os.path.splitext(word)[0] if word.lower().endswith((".safetensors", ".pt", ".bin")) else word
+                if stem == name:
+                    rest = parts[0][len(word):]
+                    return _vec.clone(), " ".join(([rest] if rest else []) + parts[1:])
+            return _base(embedding_name)
+
+        sub._try_get_embedding = types.MethodType(_try_get_embedding, sub)
+        setattr(new.tokenizer, attr, sub)
+        hooked += 1
+    if not hooked:
+        raise deltas.WeightFileError(f"embedding {name!r} has vectors for {sorted(vectors)} but this CLIP's text "
+                                     "encoders take none of them (wrong architecture)")
+    return new
+
+
+def clip_embedding_keys(clip) -> set[str]:
+    return {tok.embedding_key for _, tok in _sub_tokenizers(clip.tokenizer)}
+
+
+def apply_embedding_file(clip, path: str, strength: float = 1.0, model=None, override: bool = False) -> AppliedWeights:
+    """CLIP that understands `embedding:<file stem>` as the file's vectors × strength, after checking
+    that the file's text encoders are the CLIP's (and, with a MODEL, the base fingerprint)."""
+    from ..embeddings import family_of, read_embedding
+
+    vectors, md = read_embedding(path)
+    name = os.path.splitext(os.path.basename(path))[0]
+    mismatches = []
+    wanted = clip_embedding_keys(clip)
+    if set(vectors) != wanted:
+        msg = (f"{os.path.basename(path)} holds vectors for {sorted(vectors)} ({family_of(vectors)}) but the CLIP's "
+               f"text encoders are {sorted(wanted)}")
+        if not override or not set(vectors) & wanted:
+            raise deltas.WeightFileError(msg + ". Use the CLIP of the model the embedding was trained for"
+                                         + ("" if set(vectors) & wanted else " (nothing of it can be applied)"))
+        mismatches.append(msg)
+    if model is not None:
+        mismatches += deltas.check_compatible(md, family=model_family(model), fingerprint=fingerprint(model),
+                                              override=override, name=os.path.basename(path))
+    new = clip_with_embedding(clip, name, vectors, strength)
+    n = next(iter(vectors.values())).shape[0]
+    info = f"{os.path.basename(path)}: embedding, {n} vector(s); write embedding:{name} in the prompt"
+    if mismatches:
+        info += " | applied despite: " + "; ".join(mismatches)
+    return AppliedWeights(model, new, info, mismatches)

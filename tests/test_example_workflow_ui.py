@@ -177,8 +177,15 @@ def test_nodes_links_and_widgets_are_valid_for_the_live_node_definitions(ui, obj
         node_def = object_info[n["type"]]
         ordered = _inputs_in_order(node_def)
         sockets = [(name, spec, opt) for name, spec, opt in ordered if not _is_widget(spec)]
-        # Socket entries: the definition's sockets, in order (link slots index into this list).
-        assert [(i["name"], i["type"]) for i in n["inputs"]] == [(s, _type(spec)) for s, spec, _ in sockets]
+        # Socket entries: the definition's sockets, in order (link slots index into this list), then
+        # widgets fed by a link (entries that name their widget).
+        assert [(i["name"], i["type"]) for i in n["inputs"] if "widget" not in i] == \
+            [(s, _type(spec)) for s, spec, _ in sockets]
+        all_specs = {name: spec for name, spec, _ in ordered}
+        for i in (i for i in n["inputs"] if "widget" in i):
+            spec = all_specs.get(i["widget"]["name"])
+            assert spec is not None and _is_widget(spec) and i["name"] == i["widget"]["name"], (n["id"], i)
+            assert i["type"] == _type(spec) and i["link"] is not None, (n["id"], i)
         linked = {i["name"] for i in n["inputs"] if i["link"] is not None}
         missing = [s for s, _, opt in sockets if not opt and s not in linked]
         assert not missing, f"node {n['id']} ({n['type']}): required inputs not connected: {missing}"

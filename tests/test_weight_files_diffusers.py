@@ -215,3 +215,43 @@ def test_sdxl_embedding_halves_load_with_diffusers_sdxl_recipe(comfy, sdxl, twin
         assert twin.maybe_convert_prompt("a xlobj", tokenizer) == "a xlobj xlobj_1"
         rows = encoder.get_input_embeddings().weight[ids].detach()
         assert torch.allclose(rows, vec[half], atol=1e-3), half
+
+
+def test_personalize_files_load_in_comfy_diffusers_and_a1111(comfy, sd15, twin, tiny_models, loras_dir,  # noqa: F811
+                                                             embeddings_dir):
+    """The Personalize node's own files (rare_token: embedding + UNet LoRA, fp16 as saved): a fresh
+    stock ComfyUI CLIP (`embedding:NAME`) + stock LoraLoader, diffusers (load_textual_inversion +
+    load_lora_weights) and A1111's key resolution all give the same model."""
+    from test_personalize_node import _run
+    from test_weight_files import _a1111_load, _diffusers_retrieve
+    from test_weight_files_comfy import _meta, a1111_updates
+
+    model, clip, vae = sd15
+    saved = _run(comfy, model, clip, vae, new_token="dspers", ti_steps=3, unet_steps=3, save_name="pers",
+                 unet_learning_rate=1e-2)[5].splitlines()
+    emb = next(p for p in saved if os.path.dirname(p) == embeddings_dir)
+    lora = next(p for p in saved if os.path.dirname(p) == loras_dir)
+    # ComfyUI, from the files alone.
+    _, fresh_clip, _ = comfy.nodes.CheckpointLoaderSimple().load_checkpoint(os.path.basename(tiny_models["sd15"]))[:3]
+    cond = _encode(comfy, fresh_clip, "a photo of embedding:dspers dog")
+    stock, _ = stock_load(comfy, model, fresh_clip, lora)
+    ours = comfy_unet_out(stock, cond.expand(2, -1, -1))
+    assert (ours - comfy_unet_out(model, cond.expand(2, -1, -1))).abs().max() > 1e-4, "the LoRA changes the UNet"
+    # diffusers, token = the file name.
+    with DiffusersLog() as log:
+        twin.load_textual_inversion(emb, token="dspers")
+    assert log.messages == []
+    try:
+        prompt_embeds = twin.encode_prompt("a photo of dspers dog", "cpu", 1, False)[0].float().detach()
+        _close(cond, prompt_embeds, "personalized text encoder")
+        load_lora_in_diffusers(twin, lora, "pers")
+        got = diffusers_unet_out(twin, prompt_embeds.expand(2, -1, -1))
+    finally:
+        twin.unload_lora_weights()
+        twin.unload_textual_inversion()
+    _close(ours, got, "personalized UNet")
+    # A1111: the embedding is a one-tensor dict; every LoRA key resolves to a module with ComfyUI's update.
+    assert _a1111_load(emb)["vec"].shape == (1, 768) and _diffusers_retrieve(emb, "dspers")[0] == "dspers"
+    _, tensors = _meta(lora)
+    updates = a1111_updates(model, tensors)
+    assert len(updates) == len({k.split(".")[0] for k in tensors})

@@ -37,7 +37,7 @@ PYEOF
 fi
 
 # --- venv ----------------------------------------------------------------------------------
-key=$(cat "$here/.ci/comfyui.pin" "$here/requirements.txt" "$comfy/requirements.txt" | sha256sum | cut -c1-12)
+key=$(cat "$here/.ci/comfyui.pin" "$here/requirements.txt" "$here/requirements-dev.txt" "$comfy/requirements.txt" | sha256sum | cut -c1-12)
 venv="$DS_CACHE/venv-$key"
 if [ ! -f "$venv/.complete" ]; then
   log "creating venv $venv"
@@ -53,8 +53,8 @@ if [ ! -f "$venv/.complete" ]; then
   log "installing ComfyUI requirements (minus torch*) + requests"
   grep -vE '^\s*(torch|torchvision|torchaudio)\s*$' "$comfy/requirements.txt" > "$DS_CACHE/comfy-reqs.txt"
   pip install -r "$DS_CACHE/comfy-reqs.txt" requests "torch==$TORCH_VERSION"
-  log "installing our requirements + test tools"
-  pip install -r "$here/requirements.txt" pytest websocket-client "torch==$TORCH_VERSION"
+  log "installing our requirements + test/bench tools (requirements-dev.txt)"
+  pip install -r "$here/requirements.txt" -r "$here/requirements-dev.txt" "torch==$TORCH_VERSION"
   touch "$venv/.complete"
 fi
 log "ready: venv=$venv comfyui=$comfy"

@@ -1,8 +1,13 @@
-"""DomainStudio demo: a real ComfyUI server (CPU) runs example_workflows/domainstudio_api.json.
+"""The main job (README): DomainStudio adaptation of the miniature emoji SD (miniworld/) to 10 shots
+of another emoji style, on the CPU, next to the base model and plain fine-tuning with the same
+steps and seeds. Writes demo_output/metrics.json and the grids domain_samples.png (row 1: the 10
+shots; then base / fine-tune / DomainStudio samples of "a sks emoji") and domain_content.png
+(held-out emoji: real Twitter and Google renderings, then each model's "a sks emoji of <name>").
+This is bench/domain_quality.py --demo; the full benchmark runs more methods and seeds.
 
-Builds the tiny SD1.5-detectable checkpoint (cached), writes the embedded striped-tile domain into
-the server's input folder, trains, samples base vs adapted with the same seed, and copies the
-images, loss plot and LoRA file into demo_output/. Needs COMFYUI_DIR (scripts/demo.sh sets it).
+`--workflow` instead runs example_workflows/domainstudio_api.json in a real ComfyUI server on the
+tiny random test model (proves the in-graph pipeline; its samples are noise).
+Needs COMFYUI_DIR (scripts/demo.sh sets it).
 """
 
 from __future__ import annotations
@@ -37,10 +42,28 @@ def build_checkpoint(comfy_dir: str, cache: str) -> str:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--steps", type=int, default=60, help="training steps (default 60)")
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=None, help="training steps (default 300; --workflow: 60)")
     ap.add_argument("--out", default=os.path.join(REPO, "demo_output"))
+    ap.add_argument("--workflow", action="store_true", help="run the example workflow in a ComfyUI server instead")
     args = ap.parse_args()
+    if not os.environ.get("COMFYUI_DIR"):
+        sys.exit("COMFYUI_DIR is not set: run `bash scripts/demo.sh`")
+    if args.workflow:
+        args.steps = args.steps or 60
+        return run_workflow(args)
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("domain_quality", os.path.join(REPO, "bench", "domain_quality.py"))
+    dq = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(dq)
+    t0 = time.time()
+    rc = dq.main(["--demo", "--steps", str(args.steps or 300), "--out", os.path.join(args.out, "metrics.json")])
+    print(f"demo done in {time.time() - t0:.0f} s; results in {args.out}")
+    return rc
+
+
+def run_workflow(args) -> int:
     comfy_dir = os.environ.get("COMFYUI_DIR")
     if not comfy_dir:
         sys.exit("COMFYUI_DIR is not set: run `bash scripts/demo.sh`")

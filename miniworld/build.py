@@ -1,0 +1,114 @@
+"""Assemble the miniworld single-file SD1.5 checkpoint that ComfyUI's stock CheckpointLoaderSimple reads.
+
+    python -m miniworld.build [--out PATH]
+
+Contents: the shipped UNet (``model.diffusion_model.*``), the frozen random CLIP-L regenerated from
+its seed (``cond_stage_model.transformer.text_model.*``, ~247 MB in fp16, which is why it never
+ships), and the shipped TAESD-architecture VAE (``first_stage_model.taesd_*``, ``vae_scale``,
+``vae_shift``), all fp16. The same inputs give a byte-identical file; by default it goes to
+``$DS_CACHE/miniworld-<key>/checkpoints/miniworld_sd15.safetensors`` where ``key`` hashes the
+shipped weights and the recipe, so a retrain or a recipe change builds a new file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+
+import torch
+
+from . import config
+
+BUILD_VERSION = "1"  # bump when the assembly below changes
+
+
+def key() -> str:
+    h = hashlib.sha256()
+    for f in (config.UNET_FILE, config.VAE_FILE):
+        with open(f, "rb") as fh:
+            h.update(hashlib.sha256(fh.read()).digest())
+    h.update(json.dumps([BUILD_VERSION, config.CLIP_SEED, config.UNET_CONFIG], sort_keys=True).encode())
+    return h.hexdigest()[:12]
+
+
+def default_path() -> str:
+    return os.path.join(config.cache_dir(), f"miniworld-{key()}", "checkpoints", config.CHECKPOINT_NAME)
+
+
+def state_dict() -> dict:
+    """The checkpoint's tensors (fp16), keyed as an original-format SD1.5 checkpoint."""
+    import safetensors.torch
+
+    from . import models
+
+    base, unet = models.new_unet()
+    unet.load_state_dict({k: v.float() for k, v in safetensors.torch.load_file(config.UNET_FILE).items()})
+    vae_sd = safetensors.torch.load_file(config.VAE_FILE)
+    clip_sd = models.clip_state_dict()
+    sd = base.state_dict_for_saving(clip_sd, vae_sd)
+    return {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in sd.items()}
+
+
+def build(out: str | None = None) -> str:
+    """Write the checkpoint to ``out`` (default: the cache path) and return the path."""
+    out = out or default_path()
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    meta = {"miniworld.key": key(), "miniworld.build_version": BUILD_VERSION,
+            "miniworld.text_encoder": f"frozen random CLIP-L, seed {config.CLIP_SEED}",
+            "modelspec.architecture": "stable-diffusion-v1", "modelspec.title": "miniworld emoji SD1.5 (miniature)"}
+    if os.path.exists(config.RECORD_FILE):
+        with open(config.RECORD_FILE) as f:
+            rec = json.load(f)
+        meta["miniworld.data"] = json.dumps(rec.get("data", {}), sort_keys=True)
+    tmp = out + ".tmp"
+    write_safetensors(state_dict(), tmp, meta)
+    os.replace(tmp, out)
+    return out
+
+
+_DTYPES = {torch.float16: "F16", torch.float32: "F32", torch.bfloat16: "BF16", torch.int64: "I64",
+           torch.int32: "I32", torch.uint8: "U8", torch.bool: "BOOL"}
+
+
+def write_safetensors(tensors: dict, path: str, metadata: dict) -> None:
+    """A safetensors file with sorted keys and sorted metadata, so equal inputs give equal bytes
+    (``safetensors.torch.save_file`` writes the metadata in hash-map order, which varies per run)."""
+    import struct
+
+    header: dict = {"__metadata__": {k: str(metadata[k]) for k in sorted(metadata)}}
+    blobs, offset = [], 0
+    for k in sorted(tensors):
+        t = tensors[k].detach().cpu().contiguous()
+        b = t.reshape(-1).view(torch.uint8).numpy().tobytes()
+        header[k] = {"dtype": _DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(b)]}
+        blobs.append(b)
+        offset += len(b)
+    hj = json.dumps(header, separators=(",", ":")).encode()
+    hj += b" " * (-len(hj) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(hj)))
+        f.write(hj)
+        for b in blobs:
+            f.write(b)
+
+
+def ensure() -> str:
+    """Path of the cached checkpoint, building it on first use."""
+    path = default_path()
+    if not os.path.exists(path):
+        build(path)
+    return path
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description="Assemble the miniworld SD1.5 checkpoint (UNet + random CLIP-L + TAESD).")
+    p.add_argument("--out", default=None, help="output .safetensors (default: the $DS_CACHE path)")
+    a = p.parse_args(argv)
+    torch.set_grad_enabled(False)
+    print(build(a.out))
+
+
+if __name__ == "__main__":
+    main()

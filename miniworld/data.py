@@ -1,0 +1,133 @@
+"""Emoji image sets from npm (emoji-datasource-<style>@EMOJI_VERSION), cached under $DS_CACHE/emoji.
+
+Only training (and demos that need the target-style images) call ``fetch``; tests use shipped weights
+and the small cached arrays if present. Images are 64x64 RGBA PNGs composited on white.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import tarfile
+
+import numpy as np
+
+from . import config
+
+
+def _pkg(style: str) -> str:
+    return f"emoji-datasource-{style}"
+
+
+def tarball(style: str) -> str:
+    """Path of the cached npm tarball for ``style`` (downloaded once with ``npm pack``)."""
+    d = os.path.join(config.cache_dir(), "emoji")
+    os.makedirs(d, exist_ok=True)
+    path = os.path.join(d, f"{_pkg(style)}-{config.EMOJI_VERSION}.tgz")
+    if not os.path.exists(path):
+        subprocess.run(["npm", "pack", f"{_pkg(style)}@{config.EMOJI_VERSION}", "--pack-destination", d],
+                       check=True, stdout=subprocess.DEVNULL)
+        if not os.path.exists(path):
+            raise RuntimeError(f"npm pack did not produce {path}")
+    return path
+
+
+def _select(entries: list[dict]) -> list[dict]:
+    styles = (config.SOURCE_STYLE,) + tuple(config.TARGET_STYLES)
+    out = [e for e in entries
+           if e["category"] in config.CATEGORIES and all(e.get(f"has_img_{s}") for s in styles) and e.get("name")]
+    out.sort(key=lambda e: e["sort_order"])
+    return out
+
+
+def captions_for(name: str) -> list[str]:
+    return [t.format(name=name) for t in config.CAPTION_TEMPLATES]
+
+
+def load(style: str) -> dict:
+    """{'images': uint8 [N,64,64,3] on white, 'names': [...], 'codes': [...]} for the subset, cached as .npz."""
+    d = os.path.join(config.cache_dir(), "emoji")
+    cache = os.path.join(d, f"subset-v{config.DATA_VERSION}-{style}-{config.EMOJI_VERSION}.npz")
+    meta_path = cache[:-4] + ".json"
+    if os.path.exists(cache) and os.path.exists(meta_path):
+        with np.load(cache, allow_pickle=False) as z:
+            images = z["images"]
+        with open(meta_path) as f:
+            meta = json.load(f)
+        return {"images": images, **meta}
+    from PIL import Image
+
+    with tarfile.open(tarball(config.SOURCE_STYLE)) as tf:
+        entries = json.load(tf.extractfile("package/emoji.json"))
+    sel = _select(entries)
+    images, names, codes = [], [], []
+    with tarfile.open(tarball(style)) as tf:
+        for e in sel:
+            member = f"package/img/{style}/{config.IMAGE_SIZE}/{e['image']}"
+            im = Image.open(io.BytesIO(tf.extractfile(member).read())).convert("RGBA")
+            if im.size != (config.IMAGE_SIZE, config.IMAGE_SIZE):
+                im = im.resize((config.IMAGE_SIZE, config.IMAGE_SIZE), Image.LANCZOS)
+            bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
+            images.append(np.asarray(Image.alpha_composite(bg, im).convert("RGB")))
+            names.append(e["name"].lower())
+            codes.append(e["unified"])
+    meta = {"names": names, "codes": codes, "style": style, "package": f"{_pkg(style)}@{config.EMOJI_VERSION}"}
+    arr = np.stack(images).astype(np.uint8)
+    tmp = cache + ".tmp.npz"
+    np.savez_compressed(tmp, images=arr)
+    os.replace(tmp, cache)
+    with open(meta_path, "w") as f:
+        json.dump(meta, f)
+    return {"images": arr, **meta}
+
+
+SPRITE_COLS = 16
+
+
+def write_sprite(images: np.ndarray, path: str) -> None:
+    """uint8 [N,64,64,3] -> one PNG grid (SPRITE_COLS per row, white padding)."""
+    from PIL import Image
+
+    n, h, w, _ = images.shape
+    rows = (n + SPRITE_COLS - 1) // SPRITE_COLS
+    grid = np.full((rows * h, SPRITE_COLS * w, 3), 255, np.uint8)
+    for i, im in enumerate(images):
+        r, c = divmod(i, SPRITE_COLS)
+        grid[r * h:(r + 1) * h, c * w:(c + 1) * w] = im
+    tmp = path + ".tmp.png"
+    Image.fromarray(grid).save(tmp, optimize=True)
+    os.replace(tmp, path)
+
+
+def read_sprite(path: str, n: int, size: int = config.IMAGE_SIZE) -> np.ndarray:
+    from PIL import Image
+
+    grid = np.asarray(Image.open(path).convert("RGB"))
+    out = []
+    for i in range(n):
+        r, c = divmod(i, SPRITE_COLS)
+        out.append(grid[r * size:(r + 1) * size, c * size:(c + 1) * size])
+    return np.stack(out)
+
+
+def reference() -> dict:
+    """The shipped training set (no download): {'images': uint8 [N,64,64,3], 'names': [...], 'codes': [...]}.
+
+    The images are Google's Noto Color Emoji (Apache-2.0) from emoji-datasource-google, composited on white."""
+    with open(config.REFERENCE_JSON) as f:
+        meta = json.load(f)
+    return {"images": read_sprite(config.REFERENCE_PNG, len(meta["names"])), **meta}
+
+
+def export_reference() -> None:
+    """Write the UNet's training images (sprite PNG) + names/captions (JSON) next to the weights."""
+    ds = load(config.SOURCE_STYLE)
+    idx = list(range(0, len(ds["names"]), config.TRAIN_STRIDE))
+    write_sprite(ds["images"][idx], config.REFERENCE_PNG)
+    meta = {"names": [ds["names"][i] for i in idx], "codes": [ds["codes"][i] for i in idx],
+            "captions": [captions_for(ds["names"][i]) for i in idx], "package": ds["package"],
+            "license": "Noto Color Emoji images, Apache-2.0 (emoji-datasource-google)"}
+    with open(config.REFERENCE_JSON, "w") as f:
+        json.dump(meta, f, indent=0)

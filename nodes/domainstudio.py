@@ -12,7 +12,7 @@ from ..trainer.domainstudio import DomainStudioConfig, TrainingError
 from ..trainer.hosts import comfy as host
 from ..trainer.imageset import ImageSet, ImageSetError, prepare_image_set
 from ..trainer.plot import render_loss_plot
-from .types import CATEGORY, ImageSetType
+from .types import CATEGORY, training_inputs
 
 log = logging.getLogger("DomainStudio")
 
@@ -28,11 +28,7 @@ class DomainStudioTrainer(io.ComfyNode):
             "diversity (DomainStudio, arXiv 2306.14153). Outputs a patched MODEL for KSampler and saves a "
             "LoRA/diff file to models/loras.",
             inputs=[
-                io.Model.Input("model"),
-                io.Clip.Input("clip"),
-                io.Vae.Input("vae"),
-                ImageSetType.Input("image_set", optional=True, tooltip="From Few-Shot Image Set."),
-                io.Image.Input("images", optional=True, tooltip="Or a plain IMAGE batch (resized to resolution)."),
+                *training_inputs(),
                 io.String.Input("target_prompt", default="", multiline=False,
                                 tooltip="Prompt with the identifier, e.g. 'a sks house'. Empty = unconditional."),
                 io.String.Input("source_prompt", default="", multiline=False,

@@ -19,7 +19,7 @@ from ..trainer.personalize import (DEFAULT_INIT_WORD, DEFAULT_METHOD, DEFAULT_TR
                                    PersonalizeConfig, trains_unet, uses_token)
 from ..trainer.plot import render_loss_plot
 from .domainstudio import PREVIEW_EVERY, _resolve_images, _to_pil
-from .types import CATEGORY, ImageSetType
+from .types import CATEGORY, training_inputs
 
 log = logging.getLogger("DomainStudio")
 
@@ -38,11 +38,7 @@ class PersonalizeTrainer(io.ComfyNode):
             "preservation. textual_inversion and dreambooth(_no_prior) are the baselines. Use the token in a "
             "stock CLIP Text Encode: 'a photo of ds_subject dog' or 'embedding:ds_subject'.",
             inputs=[
-                io.Model.Input("model"),
-                io.Clip.Input("clip"),
-                io.Vae.Input("vae"),
-                ImageSetType.Input("image_set", optional=True, tooltip="From Few-Shot Image Set."),
-                io.Image.Input("images", optional=True, tooltip="Or a plain IMAGE batch (resized to resolution)."),
+                *training_inputs(),
                 io.Combo.Input("method", options=list(METHODS), default=DEFAULT_METHOD,
                                tooltip="rare_token: token then UNet (no prior). textual_inversion: token only. "
                                "dreambooth: UNet with prior preservation on class images. dreambooth_no_prior."),

@@ -30,8 +30,9 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(prog="python -m dstrain", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", required=True, help="folder of training images")
-    src = ap.add_mutually_exclusive_group(required=True)
-    src.add_argument("--checkpoint", help="single-file SD checkpoint (.safetensors / .ckpt)")
+    src = ap.add_mutually_exclusive_group()
+    src.add_argument("--checkpoint", help="single-file SD checkpoint (.safetensors / .ckpt); default: the "
+                     "project's miniature emoji SD1.5 (miniworld/, built into the cache on first use)")
     src.add_argument("--diffusers", help="diffusers-format model folder (unet/, vae/, text_encoder/ ...)")
     ap.add_argument("--method", choices=METHODS, default="domainstudio")
     ap.add_argument("--out", default="dstrain_output", help="output folder (created)")
@@ -93,6 +94,10 @@ def load_model(args):
     import comfy.diffusers_load
     import comfy.sd
 
+    if not args.checkpoint and not args.diffusers:
+        from miniworld import build
+
+        args.checkpoint = build.ensure()
     if args.checkpoint:
         if not os.path.isfile(args.checkpoint):
             sys.exit(f"dstrain: --checkpoint {args.checkpoint!r} is not a file")

@@ -56,6 +56,16 @@ def test_cli_trains_and_writes_loadable_files(comfy, tiny_models, subject_dir, t
         assert any(f.endswith("ds_subject.safetensors") for f in run["files"])
 
 
+def test_cli_defaults_to_the_miniature_model(subject_dir, tmp_path):
+    out = tmp_path / "out"
+    r = _dstrain("--method", "textual_inversion", "--images", subject_dir, "--resolution", "64", "--ti-steps", "2",
+                 "--samples", "1", "--sample-steps", "2", "--class-noun", "animal", "--out", str(out))
+    assert r.returncode == 0, r.stderr[-3000:]
+    run = json.loads((out / "run.json").read_text())
+    assert run["model"].endswith("miniworld_sd15.safetensors") and run["family"] == "sd1"
+    assert [os.path.basename(f) for f in run["files"]] == ["ds_subject.safetensors"]
+
+
 def test_cli_bad_input_exits_with_a_clear_message(tiny_models, subject_dir, tmp_path):
     r = _dstrain("--images", str(tmp_path / "nope"), "--checkpoint", tiny_models["sd15"], "--out", str(tmp_path / "o"),
                  timeout=120)

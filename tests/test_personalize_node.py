@@ -45,7 +45,7 @@ def _ksample(comfy, model, clip, prompt, seed=3):
         return comfy.nodes.KSampler().sample(model, seed, 2, 5.0, "euler", "normal", pos, neg, latent)[0]["samples"]
 
 
-def test_rare_token_node_saves_files_stock_loaders_read(comfy, sd15, model_dirs):
+def test_rare_token_node_saves_files_stock_loaders_read(comfy, sd15, tiny_models, model_dirs):
     from safetensors import safe_open
 
     model, clip, vae = sd15
@@ -60,8 +60,7 @@ def test_rare_token_node_saves_files_stock_loaders_read(comfy, sd15, model_dirs)
 
     # A fresh CLIP from the stock loader, prompting embedding:ds_subject, reads the saved file and
     # matches our patched CLIP (the file is fp16, the in-memory vectors fp32).
-    fresh = comfy.nodes.CheckpointLoaderSimple().load_checkpoint(
-        comfy.folder_paths.get_filename_list("checkpoints")[0])[1]
+    fresh = comfy.nodes.CheckpointLoaderSimple().load_checkpoint(os.path.basename(tiny_models["sd15"]))[1]
     ours = comfy.nodes.CLIPTextEncode().encode(p_clip, "a photo of ds_subject dog")[0][0][0]
     stock = comfy.nodes.CLIPTextEncode().encode(fresh, "a photo of embedding:ds_subject dog")[0][0][0]
     assert torch.allclose(ours, stock, atol=2e-2), (ours - stock).abs().max()

@@ -49,6 +49,7 @@ METHODS = {
     "domainstudio": dict(),
     "domainstudio_no_pairwise": dict(lambda_img=0.0),
     "domainstudio_no_hf": dict(lambda_hf=0.0, lambda_hfmse=0.0),
+    "domainstudio_lambda10": dict(lambda_img=10.0, lambda_hf=10.0),  # the paper's SD lambdas / 10
 }
 DEMO_METHODS = ("base", "finetune_lora", "domainstudio")
 

@@ -45,7 +45,7 @@ def _unet_state(model):
 def _bits(t):
     # Bitwise: SD1's unused clip_l text_projection is never loaded (ComfyUI drops it from SD1
     # checkpoints), so it is uninitialised memory that may hold NaNs, which torch.equal calls unequal.
-    return t.contiguous().view(torch.uint8) if t.is_floating_point() else t
+    return t.reshape(-1).contiguous().view(torch.uint8) if t.is_floating_point() else t
 
 
 def _same(a, b):

@@ -38,6 +38,7 @@ import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+from trainer.plot import save_png, tile_rows, to_uint8  # noqa: E402  (pure numpy/PIL)
 
 TARGET_PROMPT, SOURCE_PROMPT = "a sks emoji", "an emoji"
 LAMBDAS_OFF = dict(lambda_img=0.0, lambda_hf=0.0, lambda_hfmse=0.0)
@@ -143,16 +144,8 @@ def sample_images(model, clip, vae, prompts: list[str], seed: int, steps: int, c
 
 
 def grid(rows: list[np.ndarray], path: str) -> None:
-    from PIL import Image
-
-    w = max(len(r) for r in rows)
-    h = 64
-    canvas = np.full((len(rows) * (h + 4), w * 64, 3), 255, np.uint8)
-    for i, r in enumerate(rows):
-        for j, im in enumerate(r):
-            canvas[i * (h + 4):i * (h + 4) + h, j * 64:(j + 1) * 64] = (np.clip(im, 0, 1) * 255).round().astype(np.uint8)
-    Image.fromarray(canvas).save(path + ".tmp.png")
-    os.replace(path + ".tmp.png", path)
+    """Rows of [k, 64, 64, 3] images -> PNG, 4 px between rows."""
+    save_png(tile_rows(rows, gap=4), path)
 
 
 def main(argv=None) -> int:
@@ -166,13 +159,22 @@ def main(argv=None) -> int:
     ap.add_argument("--samples", type=int, default=40, help="'a sks emoji' samples per (method, seed)")
     ap.add_argument("--sample-steps", type=int, default=20)
     ap.add_argument("--cfg", type=float, default=5.0)
+    ap.add_argument("--uncond", action="store_true",
+                    help="the paper's unconditional setting: empty target and source prompt, CFG 1 sampling, no "
+                         "content metric (its prompts need text)")
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     ap.add_argument("--demo", action="store_true", help="the README demo: base / fine-tune / DomainStudio, one seed")
     ap.add_argument("--out", default="", help="JSON path (default bench/results/domain_quality.json; demo: demo_output/)")
     args = ap.parse_args(argv)
     if args.demo:
         args.methods, args.seeds = list(DEMO_METHODS), [0]
+    target_prompt, source_prompt = ("", "") if args.uncond else (TARGET_PROMPT, SOURCE_PROMPT)
+    if args.uncond and args.cfg == 5.0:
+        args.cfg = 1.0  # cond == uncond, so guidance would only cost time
     out_json = args.out or (os.path.join(REPO, "demo_output", "metrics.json") if args.demo
-                            else os.path.join(REPO, "bench", "results", "domain_quality.json"))
+                            else os.path.join(REPO, "bench", "results",
+                                              "domain_quality_uncond.json" if args.uncond else "domain_quality.json"))
+    samples_png = "domain_uncond_samples.png" if args.uncond else "domain_samples.png"
     out_dir = os.path.dirname(os.path.abspath(out_json))
     os.makedirs(out_dir, exist_ok=True)
 
@@ -182,6 +184,8 @@ def main(argv=None) -> int:
     comfy()
     import torch
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     import comfy.sd
     from trainer.domainstudio import DomainStudioConfig
     from trainer.hosts import comfy as host
@@ -209,7 +213,7 @@ def main(argv=None) -> int:
         return sample_images(m, clip, vae, prompts, seed, args.sample_steps, args.cfg)
 
     shots_t = torch.from_numpy(shots)
-    rows, grids = [], {}
+    rows, grids, saved = [], {}, {}
     for method in args.methods:
         spec = METHODS[method]
         for seed in args.seeds:
@@ -225,25 +229,30 @@ def main(argv=None) -> int:
                 prior = None
                 if prior_n:
                     with torch.inference_mode():
-                        prior = host.generate_class_latents(model, clip, SOURCE_PROMPT, prior_n, 64, seed)
+                        prior = host.generate_class_latents(model, clip, source_prompt, prior_n, 64, seed)
                 with torch.inference_mode():
-                    res = host.train_domainstudio_comfy(model, clip, vae, shots_t, cfg, target_prompt=TARGET_PROMPT,
-                                                        source_prompt=SOURCE_PROMPT, train_mode=mode, rank=args.rank,
+                    res = host.train_domainstudio_comfy(model, clip, vae, shots_t, cfg, target_prompt=target_prompt,
+                                                        source_prompt=source_prompt, train_mode=mode, rank=args.rank,
                                                         alpha=float(args.rank), prior_latents=prior)
                 m, train_s = res.model, res.result.seconds
-            dom = sample(m, [TARGET_PROMPT] * args.samples, seed)
-            con = sample(m, [f"{TARGET_PROMPT} of {n}" for n in eval_names], seed + 100)
-            df, cf = features(dom), features(con)
+            dom = sample(m, [target_prompt] * args.samples, seed)
+            con = None if args.uncond else sample(m, [f"{TARGET_PROMPT} of {n}" for n in eval_names], seed + 100)
+            df = features(dom)
+            cf = None if con is None else features(con)
             row = {
                 "method": method, "seed": seed, "train_s": round(train_s, 2),
                 "style": float(clf.prob(df).mean()),
                 "diversity": intra_cluster_diversity(df, shot_f),
                 "memorize": memorization(df, shot_f),
-                "content_to_target": float(np.sqrt(((cf - features(t_img[sp["eval"]])) ** 2).mean(1)).mean()),
-                "content_style": float(clf.prob(cf).mean()),
+                "content_to_target": (float("nan") if cf is None else
+                                      float(np.sqrt(((cf - features(t_img[sp["eval"]])) ** 2).mean(1)).mean())),
+                "content_style": float("nan") if cf is None else float(clf.prob(cf).mean()),
                 "wall_s": round(time.perf_counter() - t0, 2),
             }
             rows.append(row)
+            saved[f"{method}/{seed}/domain"] = to_uint8(dom)
+            if con is not None:
+                saved[f"{method}/{seed}/content"] = to_uint8(con)
             print(f"{method:26s} seed {seed}: style {row['style']:.3f} diversity {row['diversity']:.4f} "
                   f"memorize {row['memorize']:.4f} content {row['content_to_target']:.4f} ({row['wall_s']:.0f} s)")
             if seed == args.seeds[0]:
@@ -255,7 +264,8 @@ def main(argv=None) -> int:
 
     keys = ("style", "diversity", "memorize", "content_to_target", "content_style", "train_s")
     summary = {m: {k: agg(m, k) for k in keys} for m in args.methods}
-    print(f"\nDomain adaptation to Twemoji from 10 shots (miniworld, {args.steps} steps, seeds {args.seeds}); "
+    print(f"\nDomain adaptation to Twemoji from 10 shots (miniworld, {'unconditional' if args.uncond else 'text'}, "
+          f"{args.steps} steps, seeds {args.seeds}); "
           "mean ± sd over seeds")
     print(f"{'method':26s} {'style ↑':>14s} {'diversity ↑':>16s} {'shot dist ↑':>16s} {'content dist ↓':>16s} {'train s':>8s}")
     for m in args.methods:
@@ -264,24 +274,31 @@ def main(argv=None) -> int:
               f"{s['memorize'][0]:9.4f}±{s['memorize'][1]:.4f} {s['content_to_target'][0]:9.4f}±"
               f"{s['content_to_target'][1]:.4f} {s['train_s'][0]:8.1f}")
     ref_rows = [shots[:10]] + [grids[m][0] for m in args.methods if m in grids]
-    grid(ref_rows, os.path.join(out_dir, "domain_samples.png"))
-    grid([t_img[sp["eval"]], g_img[sp["eval"]]] + [grids[m][1] for m in args.methods if m in grids],
-         os.path.join(out_dir, "domain_content.png"))
-    result = {"setting": {"target_prompt": TARGET_PROMPT, "source_prompt": SOURCE_PROMPT, "steps": args.steps,
+    grid(ref_rows, os.path.join(out_dir, samples_png))
+    if not args.uncond:
+        grid([t_img[sp["eval"]], g_img[sp["eval"]]] + [grids[m][1] for m in args.methods if m in grids],
+             os.path.join(out_dir, "domain_content.png"))
+    result = {"setting": {"target_prompt": target_prompt, "source_prompt": source_prompt, "uncond": args.uncond, "steps": args.steps,
                           "lr": args.lr, "rank": args.rank, "batch": args.batch, "samples": args.samples,
                           "sample_steps": args.sample_steps, "cfg": args.cfg, "seeds": args.seeds,
                           "checkpoint": os.path.basename(ckpt), "data": [google["package"], twitter["package"]],
                           "shots": [google["names"][i] for i in sp["shots"]], "eval": eval_names,
                           "classifier_accuracy_real": float(ev_real.mean())},
-              "grids": {"domain_samples.png": ["shots"] + [m for m in args.methods if m in grids],
-                        "domain_content.png": ["twitter (real)", "google (real)"] + [m for m in args.methods if m in grids]},
+              "grids": {samples_png: ["shots"] + [m for m in args.methods if m in grids],
+                        **({} if args.uncond else {"domain_content.png": ["twitter (real)", "google (real)"]
+                                                   + [m for m in args.methods if m in grids]})},
               "rows": rows, "summary": summary, "platform": platform.platform(), "torch": torch.__version__,
               "wall_s": round(time.perf_counter() - t_start, 1)}
+    samples_npz = out_json[:-5] + "_samples.npz" if out_json.endswith(".json") else out_json + "_samples.npz"
+    np.savez_compressed(samples_npz + ".tmp.npz", shots=to_uint8(shots), eval_twitter=to_uint8(t_img[sp["eval"]]),
+                        eval_google=to_uint8(g_img[sp["eval"]]), classifier_google=to_uint8(g_img[sp["classifier"]]),
+                        classifier_twitter=to_uint8(t_img[sp["classifier"]]), **saved)
+    os.replace(samples_npz + ".tmp.npz", samples_npz)
+    result["samples_npz"] = os.path.basename(samples_npz)
     with open(out_json + ".tmp", "w") as f:
         json.dump(result, f, indent=1)
     os.replace(out_json + ".tmp", out_json)
-    print(f"saved {out_json}, {os.path.join(out_dir, 'domain_samples.png')}, {os.path.join(out_dir, 'domain_content.png')}"
-          f" ({result['wall_s']:.0f} s)")
+    print(f"saved {out_json} and {', '.join(result['grids'])} in {out_dir} ({result['wall_s']:.0f} s)")
     return 0
 
 

@@ -150,19 +150,9 @@ def sample_grid(model, clip, vae, prompts: list[str], n: int, resolution: int, s
 
 
 def save_grid(images, cols: int, path: str):
-    import numpy as np
-    from PIL import Image
+    from trainer.plot import save_png, tile
 
-    imgs = (images.float().cpu().numpy() * 255).round().astype(np.uint8)
-    n, h, w, _ = imgs.shape
-    rows = (n + cols - 1) // cols
-    canvas = np.full((rows * h, cols * w, 3), 255, np.uint8)
-    for i, im in enumerate(imgs):
-        r, c = divmod(i, cols)
-        canvas[r * h:(r + 1) * h, c * w:(c + 1) * w] = im
-    tmp = path + ".tmp.png"
-    Image.fromarray(canvas).save(tmp)
-    os.replace(tmp, path)
+    save_png(tile(images, cols), path)
 
 
 def main(argv=None) -> int:

@@ -88,17 +88,9 @@ SPRITE_COLS = 16
 
 def write_sprite(images: np.ndarray, path: str) -> None:
     """uint8 [N,64,64,3] -> one PNG grid (SPRITE_COLS per row, white padding)."""
-    from PIL import Image
+    from trainer.plot import save_png, tile
 
-    n, h, w, _ = images.shape
-    rows = (n + SPRITE_COLS - 1) // SPRITE_COLS
-    grid = np.full((rows * h, SPRITE_COLS * w, 3), 255, np.uint8)
-    for i, im in enumerate(images):
-        r, c = divmod(i, SPRITE_COLS)
-        grid[r * h:(r + 1) * h, c * w:(c + 1) * w] = im
-    tmp = path + ".tmp.png"
-    Image.fromarray(grid).save(tmp, optimize=True)
-    os.replace(tmp, path)
+    save_png(tile(images, SPRITE_COLS), path, optimize=True)
 
 
 def read_sprite(path: str, n: int, size: int = config.IMAGE_SIZE) -> np.ndarray:

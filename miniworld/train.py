@@ -316,12 +316,10 @@ def train_unet(steps: int, batch: int, lr: float, ema_decay: float, seed: int, d
 
 
 def save_grid(rows: list[torch.Tensor], path: str) -> None:
-    from PIL import Image
+    """Rows of [k, 3, H, W] images in 0..1 -> one PNG, enlarged 2x."""
+    from trainer.plot import save_png, tile_rows
 
-    grid = torch.cat([torch.cat(list(r.clamp(0, 1)), dim=2) for r in rows], dim=1)  # [3, H*rows, W*cols]
-    arr = (grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    Image.fromarray(arr).resize((arr.shape[1] * 2, arr.shape[0] * 2), Image.NEAREST).save(path)
+    save_png(tile_rows([r.permute(0, 2, 3, 1) for r in rows]), path, scale=2)
 
 
 def main(argv=None) -> None:

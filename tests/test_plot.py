@@ -2,6 +2,8 @@
 
 import math
 
+import numpy as np
+
 import pytest
 import torch
 
@@ -118,3 +120,25 @@ def test_smooth():
 def test_too_small_rejected():
     with pytest.raises(ValueError):
         render_loss_plot({"x": [1.0, 2.0]}, width=10, height=10)
+
+
+def test_tile_rows_places_images_with_gaps_and_white_padding(tmp_path):
+    from trainer.plot import save_png, tile, tile_rows
+
+    a = np.zeros((2, 2, 3, 3), np.uint8)          # row 0: two black 2x3 images
+    b = np.full((1, 2, 3, 3), 0.5, np.float32)     # row 1: one mid-grey image, floats in 0..1
+    canvas = tile_rows([a, b], gap=1)
+    assert canvas.shape == (2 + 1 + 2, 6, 3) and canvas.dtype == np.uint8
+    assert (canvas[:2] == 0).all()                  # row 0 fully black
+    assert (canvas[2] == 255).all()                 # the gap is white
+    assert (canvas[3:, :3] == 128).all()            # 0.5 * 255 rounds to 128
+    assert (canvas[3:, 3:] == 255).all()            # short row padded with white
+    grid = tile(np.arange(5 * 1 * 1 * 3, dtype=np.uint8).reshape(5, 1, 1, 3), cols=2)
+    assert grid.shape == (3, 2, 3) and (grid[2, 1] == 255).all() and (grid[2, 0] == [12, 13, 14]).all()
+    path = tmp_path / "g.png"
+    save_png(canvas, str(path), scale=2)
+    from PIL import Image
+
+    back = np.asarray(Image.open(path))
+    assert back.shape == (10, 12, 3) and (back[::2, ::2] == canvas).all()
+    assert not list(tmp_path.glob("*.tmp*"))

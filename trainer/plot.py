@@ -196,3 +196,45 @@ def render_loss_plot(
 def _to_tensor(img: Image.Image) -> torch.Tensor:
     arr = np.asarray(img, dtype=np.float32) / 255.0
     return torch.from_numpy(np.ascontiguousarray(arr)).unsqueeze(0)
+
+
+def to_uint8(images) -> np.ndarray:
+    """Float images in 0..1 (numpy or torch, any leading shape, channels last) -> uint8; uint8 passes."""
+    if isinstance(images, torch.Tensor):
+        images = images.detach().float().cpu().numpy()
+    images = np.asarray(images)
+    if images.dtype == np.uint8:
+        return images
+    return (np.clip(images, 0.0, 1.0) * 255).round().astype(np.uint8)
+
+
+def tile_rows(rows, gap: int = 0) -> np.ndarray:
+    """Rows of same-size images (each [k, H, W, 3], channels last) -> one uint8 canvas on white;
+    rows may differ in length, `gap` white pixels separate consecutive rows."""
+    rows = [to_uint8(r) for r in rows]
+    h, w = rows[0].shape[1:3]
+    cols = max(len(r) for r in rows)
+    canvas = np.full((len(rows) * (h + gap) - gap, cols * w, 3), 255, np.uint8)
+    for i, r in enumerate(rows):
+        for j, im in enumerate(r):
+            canvas[i * (h + gap):i * (h + gap) + h, j * w:(j + 1) * w] = im
+    return canvas
+
+
+def tile(images, cols: int) -> np.ndarray:
+    """[N, H, W, 3] images -> a grid `cols` wide (the last row padded with white)."""
+    return tile_rows([images[i:i + cols] for i in range(0, len(images), cols)])
+
+
+def save_png(canvas: np.ndarray, path: str, *, optimize: bool = False, scale: int = 1) -> None:
+    """Write an [H, W, 3] uint8 canvas as PNG atomically (temp file, then rename); `scale` enlarges
+    with nearest-neighbour so small samples stay crisp."""
+    import os
+
+    img = Image.fromarray(canvas)
+    if scale != 1:
+        img = img.resize((canvas.shape[1] * scale, canvas.shape[0] * scale), Image.NEAREST)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp.png"
+    img.save(tmp, optimize=optimize)
+    os.replace(tmp, path)

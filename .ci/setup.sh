@@ -12,6 +12,9 @@ DS_CACHE="${DS_CACHE:-$HOME/.cache/comfyui-domainstudio}"
 PY="${PYTHON:-python3}"
 mkdir -p "$DS_CACHE"
 log() { echo "[setup $(date +%H:%M:%S)] $*" >&2; }
+# One setup at a time per cache: a second caller waits instead of deleting a venv being built.
+exec 9>"$DS_CACHE/setup.lock"
+flock 9
 
 # --- ComfyUI tree --------------------------------------------------------------------------
 comfy="$DS_CACHE/comfyui-$COMFYUI_VERSION"

@@ -212,6 +212,39 @@ def main(argv=None) -> int:
     def sample(m, prompts: list[str], seed: int) -> np.ndarray:
         return sample_images(m, clip, vae, prompts, seed, args.sample_steps, args.cfg)
 
+    def agg(method, key):
+        vals = [r[key] for r in rows if r["method"] == method]
+        return statistics.mean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
+
+    keys = ("style", "diversity", "memorize", "content_to_target", "content_style", "train_s")
+    samples_npz = out_json[:-5] + "_samples.npz" if out_json.endswith(".json") else out_json + "_samples.npz"
+
+    def save(complete: bool) -> dict:
+        """JSON + samples after every (method, seed), so a stopped run keeps what it measured."""
+        done = [m for m in args.methods if any(r["method"] == m for r in rows)]
+        result = {"complete": complete,
+                  "setting": {"target_prompt": target_prompt, "source_prompt": source_prompt, "uncond": args.uncond,
+                              "steps": args.steps, "lr": args.lr, "rank": args.rank, "batch": args.batch,
+                              "samples": args.samples, "sample_steps": args.sample_steps, "cfg": args.cfg,
+                              "seeds": args.seeds, "checkpoint": os.path.basename(ckpt),
+                              "data": [google["package"], twitter["package"]],
+                              "shots": [google["names"][i] for i in sp["shots"]], "eval": eval_names,
+                              "classifier_accuracy_real": float(ev_real.mean())},
+                  "grids": {samples_png: ["shots"] + [m for m in args.methods if m in grids],
+                            **({} if args.uncond else {"domain_content.png": ["twitter (real)", "google (real)"]
+                                                       + [m for m in args.methods if m in grids]})},
+                  "rows": rows, "summary": {m: {k: agg(m, k) for k in keys} for m in done},
+                  "samples_npz": os.path.basename(samples_npz), "platform": platform.platform(),
+                  "torch": torch.__version__, "wall_s": round(time.perf_counter() - t_start, 1)}
+        np.savez_compressed(samples_npz + ".tmp.npz", shots=to_uint8(shots), eval_twitter=to_uint8(t_img[sp["eval"]]),
+                            eval_google=to_uint8(g_img[sp["eval"]]), classifier_google=to_uint8(g_img[sp["classifier"]]),
+                            classifier_twitter=to_uint8(t_img[sp["classifier"]]), **saved)
+        os.replace(samples_npz + ".tmp.npz", samples_npz)
+        with open(out_json + ".tmp", "w") as f:
+            json.dump(result, f, indent=1)
+        os.replace(out_json + ".tmp", out_json)
+        return result
+
     shots_t = torch.from_numpy(shots)
     rows, grids, saved = [], {}, {}
     for method in args.methods:
@@ -257,17 +290,13 @@ def main(argv=None) -> int:
                   f"memorize {row['memorize']:.4f} content {row['content_to_target']:.4f} ({row['wall_s']:.0f} s)")
             if seed == args.seeds[0]:
                 grids[method] = (dom[:10], con)
+            save(complete=False)
 
-    def agg(method, key):
-        vals = [r[key] for r in rows if r["method"] == method]
-        return statistics.mean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
-
-    keys = ("style", "diversity", "memorize", "content_to_target", "content_style", "train_s")
-    summary = {m: {k: agg(m, k) for k in keys} for m in args.methods}
     print(f"\nDomain adaptation to Twemoji from 10 shots (miniworld, {'unconditional' if args.uncond else 'text'}, "
           f"{args.steps} steps, seeds {args.seeds}); "
           "mean ± sd over seeds")
     print(f"{'method':26s} {'style ↑':>14s} {'diversity ↑':>16s} {'shot dist ↑':>16s} {'content dist ↓':>16s} {'train s':>8s}")
+    summary = {m: {k: agg(m, k) for k in keys} for m in args.methods}
     for m in args.methods:
         s = summary[m]
         print(f"{m:26s} {s['style'][0]:7.3f}±{s['style'][1]:.3f} {s['diversity'][0]:9.4f}±{s['diversity'][1]:.4f} "
@@ -278,27 +307,9 @@ def main(argv=None) -> int:
     if not args.uncond:
         grid([t_img[sp["eval"]], g_img[sp["eval"]]] + [grids[m][1] for m in args.methods if m in grids],
              os.path.join(out_dir, "domain_content.png"))
-    result = {"setting": {"target_prompt": target_prompt, "source_prompt": source_prompt, "uncond": args.uncond, "steps": args.steps,
-                          "lr": args.lr, "rank": args.rank, "batch": args.batch, "samples": args.samples,
-                          "sample_steps": args.sample_steps, "cfg": args.cfg, "seeds": args.seeds,
-                          "checkpoint": os.path.basename(ckpt), "data": [google["package"], twitter["package"]],
-                          "shots": [google["names"][i] for i in sp["shots"]], "eval": eval_names,
-                          "classifier_accuracy_real": float(ev_real.mean())},
-              "grids": {samples_png: ["shots"] + [m for m in args.methods if m in grids],
-                        **({} if args.uncond else {"domain_content.png": ["twitter (real)", "google (real)"]
-                                                   + [m for m in args.methods if m in grids]})},
-              "rows": rows, "summary": summary, "platform": platform.platform(), "torch": torch.__version__,
-              "wall_s": round(time.perf_counter() - t_start, 1)}
-    samples_npz = out_json[:-5] + "_samples.npz" if out_json.endswith(".json") else out_json + "_samples.npz"
-    np.savez_compressed(samples_npz + ".tmp.npz", shots=to_uint8(shots), eval_twitter=to_uint8(t_img[sp["eval"]]),
-                        eval_google=to_uint8(g_img[sp["eval"]]), classifier_google=to_uint8(g_img[sp["classifier"]]),
-                        classifier_twitter=to_uint8(t_img[sp["classifier"]]), **saved)
-    os.replace(samples_npz + ".tmp.npz", samples_npz)
-    result["samples_npz"] = os.path.basename(samples_npz)
-    with open(out_json + ".tmp", "w") as f:
-        json.dump(result, f, indent=1)
-    os.replace(out_json + ".tmp", out_json)
-    print(f"saved {out_json} and {', '.join(result['grids'])} in {out_dir} ({result['wall_s']:.0f} s)")
+    result = save(complete=True)
+    print(f"saved {out_json}, {os.path.basename(samples_npz)} and {', '.join(result['grids'])} in {out_dir} "
+          f"({result['wall_s']:.0f} s)")
     return 0
 
 

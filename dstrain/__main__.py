@@ -34,6 +34,9 @@ def parse_args(argv=None):
     src.add_argument("--checkpoint", help="single-file SD checkpoint (.safetensors / .ckpt); default: the "
                      "project's miniature emoji SD1.5 (miniworld/, built into the cache on first use)")
     src.add_argument("--diffusers", help="diffusers-format model folder (unet/, vae/, text_encoder/ ...)")
+    ap.add_argument("--host", choices=["comfy", "diffusers"], default="comfy",
+                    help="model code: ComfyUI's (default; any checkpoint ComfyUI loads) or diffusers' alone "
+                         "(no ComfyUI import; needs --diffusers DIR of an SD1.x/SD2.x pipeline; domainstudio only)")
     ap.add_argument("--method", choices=METHODS, default="domainstudio")
     ap.add_argument("--out", default="dstrain_output", help="output folder (created)")
     ap.add_argument("--name", default="", help="file name stem of the delta (default: the method)")
@@ -155,8 +158,101 @@ def save_grid(images, cols: int, path: str):
     save_png(tile(images, cols), path)
 
 
+def main_diffusers(args) -> int:
+    """`--host diffusers`: the same core over diffusers models (trainer/hosts/diffusers.py); never
+    imports ComfyUI."""
+    sys.path.insert(0, REPO)
+    import torch
+
+    from trainer import deltas
+    from trainer.domainstudio import DomainStudioConfig, TrainingError
+    from trainer.hosts import diffusers as host
+    from trainer.imageset import ImageSetError, prepare_image_set
+
+    if args.method != "domainstudio":
+        sys.exit(f"dstrain: --host diffusers trains --method domainstudio only (not {args.method}); use --host comfy")
+    if not args.diffusers:
+        sys.exit("dstrain: --host diffusers needs --diffusers DIR (a diffusers SD1.x/SD2.x model folder)")
+    if not os.path.isdir(args.diffusers):
+        sys.exit(f"dstrain: --diffusers {args.diffusers!r} is not a folder")
+    try:
+        image_set = prepare_image_set(None, args.images, args.resolution, args.flip, min_images=2)
+    except ImageSetError as e:
+        sys.exit(f"dstrain: --images: {e}")
+    try:
+        name = deltas.sanitize_name(args.name or args.method, "--name")
+    except ValueError as e:
+        sys.exit(f"dstrain: {e}")
+    device = "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
+    t_load = time.perf_counter()
+    try:
+        models = host.load_diffusers_folder(args.diffusers, device)
+    except TrainingError as e:
+        sys.exit(f"dstrain: --diffusers: {e}")
+    res = image_set.resolution
+    print(f"loaded {args.diffusers} (diffusers, {models.family}, {models.schedule.prediction_type}) in "
+          f"{time.perf_counter() - t_load:.1f} s; {image_set.describe()}")
+    n_prior = args.class_images if args.lambda_prior > 0 else 0
+    cfg = DomainStudioConfig(steps=args.steps, learning_rate=args.lr, batch_size=args.batch_size or 4,
+                             lambda_img=args.lambda_img, lambda_hf=args.lambda_hf, lambda_hfmse=args.lambda_hfmse,
+                             lambda_prior=args.lambda_prior if n_prior else 0.0, seed=args.seed)
+    try:
+        cfg.validate(len(image_set), n_prior)
+    except TrainingError as e:
+        sys.exit(f"dstrain: {e}")
+    for w in image_set.warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    prompt = args.target_prompt
+    prompts = [p for p in args.sample_prompts.split("|") if p.strip()] or [prompt]
+    grid = dict(prompts=prompts, n=args.samples, resolution=res, steps=args.sample_steps, cfg=args.cfg)
+    before = host.sample_images(models, None, **grid, adapted=False) if args.samples else None
+    prior = None
+    if n_prior:
+        print(f"generating {n_prior} class images from {args.source_prompt!r}")
+        prior = host.sample_latents(models, None, args.source_prompt, range(args.seed, args.seed + n_prior), res,
+                                    cfg=args.cfg)
+    os.makedirs(args.out, exist_ok=True)
+    bar = Progress(args.steps)
+    try:
+        out = host.train_domainstudio_diffusers(
+            models, image_set.images, cfg, target_prompt=prompt, source_prompt=args.source_prompt,
+            train_mode=args.train_mode, rank=args.rank, alpha=args.alpha, feature_space=args.feature_space,
+            prior_latents=prior, precision=args.precision, on_step=lambda step, parts: bar("", parts.total))
+    except TrainingError as e:
+        sys.exit(f"dstrain: {e}")
+    except KeyboardInterrupt:
+        sys.exit("dstrain: interrupted; nothing was written")
+    finally:
+        bar.close()
+    is_lora = args.train_mode.startswith("lora")
+    meta = deltas.build_metadata(kind="lora" if is_lora else "diff", family=models.family, title=name,
+                                 method=args.method, rank=args.rank if is_lora else None,
+                                 alpha=args.alpha if is_lora else None, trigger=prompt, steps=args.steps,
+                                 resolution=res, learning_rate=args.lr, dtype=host.SAVE_DTYPE,
+                                 training={**vars(args), "host": "diffusers"})
+    files = [deltas.save_delta(deltas.unique_path(args.out, name), out.delta, meta, dtype=host.SAVE_DTYPE)]
+    run = {"method": args.method, "host": "diffusers", "model": args.diffusers, "family": models.family,
+           "images": len(image_set), "resolution": res, "train_seconds": {"domainstudio": out.result.seconds},
+           "files": files, "prompts": prompts, "args": vars(args)}
+    if args.samples:
+        after = host.sample_images(models, out.attached, **grid, adapted=True)
+        save_grid(before, args.samples, os.path.join(args.out, "samples_before.png"))
+        save_grid(after, args.samples, os.path.join(args.out, "samples_after.png"))
+        save_grid(torch.cat([before, after]), args.samples, os.path.join(args.out, "samples_before_after.png"))
+        run["grids"] = ["samples_before.png", "samples_after.png", "samples_before_after.png"]
+    with open(os.path.join(args.out, "run.json.tmp"), "w") as f:
+        json.dump(run, f, indent=1, default=str)
+    os.replace(os.path.join(args.out, "run.json.tmp"), os.path.join(args.out, "run.json"))
+    for p in files:
+        print(f"saved {p}")
+    print(f"wrote {os.path.join(args.out, 'run.json')}")
+    return 0
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.host == "diffusers":
+        return main_diffusers(args)
     import_comfy(args.comfyui, args.device)
     sys.path.insert(0, REPO)
     import torch

@@ -203,9 +203,86 @@ def rescore(json_path: str, extract, log=print) -> dict:
     return out
 
 
+PERSONALIZE_METRICS = ("fidelity", "drift", "forget", "prompt")
+
+
+def rescore_personalize(json_path: str, result: dict, extract, log=print) -> dict:
+    """bench/personalize_quality.py's result in Lite0 space:
+
+    * fidelity  mean cosine *similarity* between every instance-prompt sample and every subject image
+                (DreamBooth's DINO score recipe with Lite0 features; higher is better; the base row
+                scores the untouched model's class-prompt samples);
+    * drift     mean cosine distance between the personalized and the base model's class-prompt
+                samples on the same seeds (paired);
+    * forget    the same on the unrelated prompts;
+    * prompt    share of unrelated-prompt samples whose nearest (cosine) training emoji is the
+                prompted one."""
+    t0 = time.perf_counter()
+    npz = samples_path(json_path, result)
+    if not os.path.exists(npz):
+        raise FileNotFoundError(f"{json_path}: no samples file {npz}; re-run bench/personalize_quality.py")
+    with np.load(npz, allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files}
+    index_of = {name: idx for idx, name in result["subject_index"].items()}
+    known = extract(arrays["known_google"])
+    want = arrays["prompt_target"]
+
+    def prompt_acc(f):
+        return float((features.cosine_distances(f, known).argmin(1) == want).mean())
+
+    def paired(a, b):
+        return float(np.diag(features.cosine_distances(a, b)).mean())
+
+    cache = {}
+
+    def feats(key):
+        if key not in cache:
+            cache[key] = extract(arrays[key])
+        return cache[key]
+
+    rows = []
+    for src in result["rows"]:
+        si, m, seed = index_of[src["subject"]], src["method"], src["seed"]
+        subj = feats(f"{si}/subject")
+        b_cls, b_unrel = feats(f"{si}/base/{seed}/class"), feats(f"{si}/base/{seed}/unrelated")
+        if m == "base":
+            row = {"fidelity": float(1 - features.cosine_distances(b_cls, subj).mean()), "drift": 0.0,
+                   "forget": 0.0, "prompt": prompt_acc(b_unrel)}
+        else:
+            inst, cls, unrel = (feats(f"{si}/{m}/{seed}/{k}") for k in ("instance", "class", "unrelated"))
+            row = {"fidelity": float(1 - features.cosine_distances(inst, subj).mean()), "drift": paired(cls, b_cls),
+                   "forget": paired(unrel, b_unrel), "prompt": prompt_acc(unrel)}
+        row.update(subject=src["subject"], method=m, seed=seed, time_s=src.get("time_s", NAN),
+                   pixel={k: src[k] for k in ("fidelity", "drift", "forget", "prompt") if k in src})
+        rows.append(row)
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    summary = {m: {k: _mean_sd([r[k] for r in rows if r["method"] == m]) for k in PERSONALIZE_METRICS + ("time_s",)}
+               for m in methods}
+    log(f"\nLite0 re-score of {os.path.basename(json_path)} ({len(index_of)} subjects, seeds "
+        f"{result['setting'].get('seeds')}); mean ± sd over subjects and seeds; cosine")
+    log(f"{'method':22s} {'fidelity ↑':>15s} {'drift ↓':>15s} {'forget ↓':>15s} {'prompt ↑':>13s} {'time s':>8s}")
+    for m in methods:
+        s = summary[m]
+        log(f"{m:22s} " + " ".join(f"{s[k][0]:8.4f}±{s[k][1]:<6.4f}" for k in ("fidelity", "drift", "forget"))
+            + f" {s['prompt'][0]:6.2f}±{s['prompt'][1]:<5.2f} {s['time_s'][0]:8.1f}")
+    import torch
+
+    out = {"source": os.path.basename(json_path), "samples_npz": os.path.basename(npz),
+           "features": {"model": f"timm {features.ARCH}", "weights": features.WEIGHTS_PACKAGE, "distance": "cosine"},
+           "setting": result["setting"], "rows": rows, "summary": summary, "platform": platform.platform(),
+           "torch": torch.__version__, "wall_s": round(time.perf_counter() - t0, 1)}
+    dest = output_path(json_path)
+    with open(dest + ".tmp", "w") as f:
+        json.dump(out, f, indent=1)
+    os.replace(dest + ".tmp", dest)
+    log(f"saved {dest} ({out['wall_s']:.0f} s)")
+    return out
+
+
 def main(argv=None, extractor=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("results", nargs="+", help="bench/domain_quality.py result JSON(s) with their _samples.npz")
+    ap.add_argument("results", nargs="+", help="bench/domain_quality.py or bench/personalize_quality.py result "
+                    "JSON(s) with their _samples.npz")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     ap.add_argument("--batch", type=int, default=8, help="feature extraction batch size (small is faster on CPU)")
     args = ap.parse_args(argv)
@@ -220,7 +297,12 @@ def main(argv=None, extractor=None) -> int:
             print(f"{path}: skipped (a re-score output)")
             continue
         try:
-            rescore(path, extract)
+            with open(path) as f:
+                result = json.load(f)
+            if "subject_index" in result:
+                rescore_personalize(path, result, extract)
+            else:
+                rescore(path, extract)
         except (OSError, ValueError) as e:
             print(f"{path}: {e}", file=sys.stderr)
             failed += 1

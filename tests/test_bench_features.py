@@ -227,3 +227,38 @@ def test_rescore_end_to_end(tmp_path, lite0, capsys):
     outu = json.loads((tmp_path / "uncond_lite0.json").read_text())
     assert len(outu["rows"]) == 2 and all(np.isnan(r["content_to_target"]) for r in outu["rows"])
     assert np.isfinite(outu["rows"][0]["kid_twitter"])
+
+
+def test_rescore_personalize_hand_case(tmp_path):
+    """Personalization re-score with a stand-in extractor whose features are the images' mean RGB,
+    so every number below follows by hand from the colours."""
+    def solid(rgb, n):
+        return np.broadcast_to(np.array(rgb, np.uint8), (n, 4, 4, 3)).copy()
+
+    red, green, blue = (200, 10, 10), (10, 200, 10), (10, 10, 200)
+    arrays = {"known_google": np.concatenate([solid(red, 1), solid(green, 1), solid(blue, 1)]),
+              "prompt_target": np.array([1, 2]),                     # prompts name green, then blue
+              "7/subject": solid(red, 4),
+              "7/base/0/class": solid(blue, 2), "7/base/0/unrelated": np.concatenate([solid(green, 1), solid(blue, 1)]),
+              "7/good/0/instance": solid(red, 2), "7/good/0/class": solid(blue, 2),
+              "7/good/0/unrelated": np.concatenate([solid(green, 1), solid(blue, 1)]),
+              "7/bad/0/instance": solid(green, 2), "7/bad/0/class": solid(red, 2),
+              "7/bad/0/unrelated": solid(red, 2)}
+    np.savez(tmp_path / "p_samples.npz", **arrays)
+    rows = [{"subject": "apple", "method": m, "seed": 0, "time_s": 1.0} for m in ("base", "good", "bad")]
+    (tmp_path / "p.json").write_text(json.dumps({"setting": {"seeds": [0]}, "rows": rows,
+                                                 "samples_npz": "p_samples.npz", "subject_index": {"7": "apple"}}))
+
+    def mean_rgb(x):
+        return x.reshape(len(x), -1, 3).mean(1).astype(np.float32)
+
+    assert rescore.main([str(tmp_path / "p.json")], extractor=mean_rgb) == 0
+    out = json.loads((tmp_path / "p_lite0.json").read_text())
+    s = {m: {k: v[0] for k, v in out["summary"][m].items()} for m in ("base", "good", "bad")}
+    cos_rb = (200 * 10 + 10 * 10 + 10 * 200) / (200**2 + 10**2 + 10**2)   # cosine of two of the colours
+    assert s["good"]["fidelity"] == pytest.approx(1.0, abs=1e-6)
+    assert s["base"]["fidelity"] == pytest.approx(cos_rb, abs=1e-6)
+    assert s["bad"]["fidelity"] == pytest.approx(cos_rb, abs=1e-6)
+    assert s["good"]["drift"] == pytest.approx(0.0, abs=1e-6) and s["good"]["forget"] == pytest.approx(0.0, abs=1e-6)
+    assert s["bad"]["drift"] == pytest.approx(1 - cos_rb, abs=1e-6)
+    assert s["good"]["prompt"] == 1.0 and s["base"]["prompt"] == 1.0 and s["bad"]["prompt"] == 0.0

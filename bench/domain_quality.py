@@ -66,20 +66,23 @@ def distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.sqrt(np.maximum(((a[:, None, :] - b[None, :, :]) ** 2).mean(-1), 0.0))
 
 
-def intra_cluster_diversity(samples: np.ndarray, shots: np.ndarray, max_members: int = 50) -> float:
-    """Assign each sample to its nearest shot; mean pairwise distance inside clusters with >= 2 members."""
-    nearest = distances(samples, shots).argmin(1)
+def intra_cluster_diversity(samples: np.ndarray, shots: np.ndarray, max_members: int = 50, dist=None) -> float:
+    """Assign each sample to its nearest shot; mean pairwise distance inside clusters with >= 2 members.
+    `dist(a, b)` -> all-pairs distance matrix, default `distances` (RMS)."""
+    dist = dist or distances
+    nearest = dist(samples, shots).argmin(1)
     scores = []
     for k in range(len(shots)):
         members = samples[nearest == k][:max_members]
         if len(members) >= 2:
-            d = distances(members, members)
+            d = dist(members, members)
             scores.append(d[np.triu_indices(len(members), 1)].mean())
     return float(np.mean(scores)) if scores else 0.0
 
 
-def memorization(samples: np.ndarray, shots: np.ndarray) -> float:
-    return float(distances(samples, shots).min(1).mean())
+def memorization(samples: np.ndarray, shots: np.ndarray, dist=None) -> float:
+    """Mean distance from each sample to its nearest shot (lower = closer to copies)."""
+    return float((dist or distances)(samples, shots).min(1).mean())
 
 
 class StyleClassifier:

@@ -62,22 +62,14 @@ NAN = float("nan")
 REAL_SETS = ("shots", "eval_twitter", "eval_google", "classifier_google", "classifier_twitter")
 
 
-def intra_cluster_diversity(samples: np.ndarray, shots: np.ndarray, dist=features.cosine_distances,
-                            max_members: int = 50) -> float:
-    """bench/domain_quality.py's intra_cluster_diversity with a pluggable distance (default cosine)."""
-    nearest = dist(samples, shots).argmin(1)
-    scores = []
-    for k in range(len(shots)):
-        members = samples[nearest == k][:max_members]
-        if len(members) >= 2:
-            d = dist(members, members)
-            scores.append(d[np.triu_indices(len(members), 1)].mean())
-    return float(np.mean(scores)) if scores else 0.0
+def intra_cluster_diversity(samples: np.ndarray, shots: np.ndarray, dist=features.cosine_distances) -> float:
+    """bench/domain_quality.py's intra_cluster_diversity, cosine distance by default."""
+    return dq.intra_cluster_diversity(samples, shots, dist=dist)
 
 
 def memorization(samples: np.ndarray, shots: np.ndarray, dist=features.cosine_distances) -> float:
     """Mean distance from each sample to its nearest shot (default cosine)."""
-    return float(dist(samples, shots).min(1).mean())
+    return dq.memorization(samples, shots, dist=dist)
 
 
 def output_path(json_path: str) -> str:

@@ -10,6 +10,12 @@ model detection (SD1.x/SD2.x/SDXL, eps/v) and the saved files are exactly the no
     $DS_VENV/bin/python -m dstrain --images my_style/ --checkpoint sd15.safetensors --steps 400
     $DS_VENV/bin/python -m dstrain --method rare_token --images my_dog/ --class-noun dog --checkpoint ...
 
+`--host diffusers --diffusers DIR` runs the same core over diffusers models alone and never imports
+ComfyUI (trainer/hosts/diffusers.py; SD1.x/SD2.x folders, eps or v_prediction, every method); its
+LoRA keys are kohya names of the diffusers module paths, which ComfyUI, A1111 and diffusers all load:
+
+    $DS_VENV/bin/python -m dstrain --host diffusers --diffusers sd15_folder/ --images my_style/ --steps 400
+
 Ctrl-C stops training; nothing is written until training has finished (files are written to a
 temporary name and renamed).
 """
@@ -36,7 +42,7 @@ def parse_args(argv=None):
     src.add_argument("--diffusers", help="diffusers-format model folder (unet/, vae/, text_encoder/ ...)")
     ap.add_argument("--host", choices=["comfy", "diffusers"], default="comfy",
                     help="model code: ComfyUI's (default; any checkpoint ComfyUI loads) or diffusers' alone "
-                         "(no ComfyUI import; needs --diffusers DIR of an SD1.x/SD2.x pipeline; domainstudio only)")
+                         "(no ComfyUI import; needs --diffusers DIR of an SD1.x/SD2.x pipeline)")
     ap.add_argument("--method", choices=METHODS, default="domainstudio")
     ap.add_argument("--out", default="dstrain_output", help="output folder (created)")
     ap.add_argument("--name", default="", help="file name stem of the delta (default: the method)")
@@ -164,19 +170,21 @@ def main_diffusers(args) -> int:
     sys.path.insert(0, REPO)
     import torch
 
-    from trainer import deltas
+    from trainer import deltas, embeddings
     from trainer.domainstudio import DomainStudioConfig, TrainingError
     from trainer.hosts import diffusers as host
     from trainer.imageset import ImageSetError, prepare_image_set
+    from trainer.personalize import PersonalizeConfig, trains_unet, uses_token
 
-    if args.method != "domainstudio":
-        sys.exit(f"dstrain: --host diffusers trains --method domainstudio only (not {args.method}); use --host comfy")
     if not args.diffusers:
         sys.exit("dstrain: --host diffusers needs --diffusers DIR (a diffusers SD1.x/SD2.x model folder)")
     if not os.path.isdir(args.diffusers):
         sys.exit(f"dstrain: --diffusers {args.diffusers!r} is not a folder")
+    if args.precision != "fp32" and args.method != "domainstudio":
+        sys.exit("dstrain: --host diffusers trains personalization methods in fp32 only; drop --precision")
+    personal = args.method != "domainstudio"
     try:
-        image_set = prepare_image_set(None, args.images, args.resolution, args.flip, min_images=2)
+        image_set = prepare_image_set(None, args.images, args.resolution, args.flip, min_images=1 if personal else 2)
     except ImageSetError as e:
         sys.exit(f"dstrain: --images: {e}")
     try:
@@ -192,50 +200,84 @@ def main_diffusers(args) -> int:
     res = image_set.resolution
     print(f"loaded {args.diffusers} (diffusers, {models.family}, {models.schedule.prediction_type}) in "
           f"{time.perf_counter() - t_load:.1f} s; {image_set.describe()}")
-    n_prior = args.class_images if args.lambda_prior > 0 else 0
-    cfg = DomainStudioConfig(steps=args.steps, learning_rate=args.lr, batch_size=args.batch_size or 4,
-                             lambda_img=args.lambda_img, lambda_hf=args.lambda_hf, lambda_hfmse=args.lambda_hfmse,
-                             lambda_prior=args.lambda_prior if n_prior else 0.0, seed=args.seed)
+    batch = args.batch_size or (1 if personal else 4)
+    n_prior = args.class_images if args.method in ("dreambooth", "domainstudio") else 0
+    if args.method == "dreambooth" and not args.class_images:
+        n_prior = 100
+    if args.lambda_prior <= 0:
+        n_prior = 0
+    if personal:
+        cfg = PersonalizeConfig(method=args.method, class_noun=args.class_noun,
+                                trigger=args.token if uses_token(args.method) else args.identifier,
+                                init_word=args.init_word, num_vectors=args.num_vectors, ti_steps=args.ti_steps,
+                                ti_learning_rate=args.ti_lr, unet_steps=args.unet_steps,
+                                unet_learning_rate=args.unet_lr, batch_size=batch, lambda_prior=args.lambda_prior,
+                                seed=args.seed)
+        prompt, source_prompt = cfg.instance_prompt(), cfg.class_prompt()
+        total = (args.ti_steps if uses_token(args.method) else 0) + (args.unet_steps if trains_unet(args.method) else 0)
+    else:
+        cfg = DomainStudioConfig(steps=args.steps, learning_rate=args.lr, batch_size=batch, lambda_img=args.lambda_img,
+                                 lambda_hf=args.lambda_hf, lambda_hfmse=args.lambda_hfmse,
+                                 lambda_prior=args.lambda_prior if n_prior else 0.0, seed=args.seed)
+        prompt, source_prompt, total = args.target_prompt, args.source_prompt, args.steps
     try:
-        cfg.validate(len(image_set), n_prior)
+        warnings = cfg.validate(len(image_set)) if personal else cfg.validate(len(image_set), n_prior)
     except TrainingError as e:
         sys.exit(f"dstrain: {e}")
-    for w in image_set.warnings:
+    for w in (warnings or []) + image_set.warnings:
         print(f"warning: {w}", file=sys.stderr)
-    prompt = args.target_prompt
     prompts = [p for p in args.sample_prompts.split("|") if p.strip()] or [prompt]
-    grid = dict(prompts=prompts, n=args.samples, resolution=res, steps=args.sample_steps, cfg=args.cfg)
-    before = host.sample_images(models, None, **grid, adapted=False) if args.samples else None
+    grid = dict(n=args.samples, resolution=res, steps=args.sample_steps, cfg=args.cfg)
+    before = host.sample_images(models, None, prompts, **grid, adapted=False) if args.samples else None
     prior = None
     if n_prior:
-        print(f"generating {n_prior} class images from {args.source_prompt!r}")
-        prior = host.sample_latents(models, None, args.source_prompt, range(args.seed, args.seed + n_prior), res,
+        print(f"generating {n_prior} class images from {source_prompt!r}")
+        prior = host.sample_latents(models, None, source_prompt, range(args.seed, args.seed + n_prior), res,
                                     cfg=args.cfg)
     os.makedirs(args.out, exist_ok=True)
-    bar = Progress(args.steps)
+    bar = Progress(total)
     try:
-        out = host.train_domainstudio_diffusers(
-            models, image_set.images, cfg, target_prompt=prompt, source_prompt=args.source_prompt,
-            train_mode=args.train_mode, rank=args.rank, alpha=args.alpha, feature_space=args.feature_space,
-            prior_latents=prior, precision=args.precision, on_step=lambda step, parts: bar("", parts.total))
+        if personal:
+            out = host.train_personalization_diffusers(
+                models, image_set.images, cfg, train_mode=args.train_mode, rank=args.rank, alpha=args.alpha,
+                prior_latents=prior, on_step=lambda stage, step, loss: bar(stage, loss))
+            seconds = {s.name: s.seconds for s in out.stages}
+        else:
+            out = host.train_domainstudio_diffusers(
+                models, image_set.images, cfg, target_prompt=prompt, source_prompt=source_prompt,
+                train_mode=args.train_mode, rank=args.rank, alpha=args.alpha, feature_space=args.feature_space,
+                prior_latents=prior, precision=args.precision, on_step=lambda step, parts: bar("", parts.total))
+            seconds = {"domainstudio": out.result.seconds}
     except TrainingError as e:
         sys.exit(f"dstrain: {e}")
     except KeyboardInterrupt:
         sys.exit("dstrain: interrupted; nothing was written")
     finally:
         bar.close()
-    is_lora = args.train_mode.startswith("lora")
-    meta = deltas.build_metadata(kind="lora" if is_lora else "diff", family=models.family, title=name,
-                                 method=args.method, rank=args.rank if is_lora else None,
-                                 alpha=args.alpha if is_lora else None, trigger=prompt, steps=args.steps,
-                                 resolution=res, learning_rate=args.lr, dtype=host.SAVE_DTYPE,
-                                 training={**vars(args), "host": "diffusers"})
-    files = [deltas.save_delta(deltas.unique_path(args.out, name), out.delta, meta, dtype=host.SAVE_DTYPE)]
+    common = dict(family=models.family, method=args.method, fingerprint=host.fingerprint(models.unet), resolution=res,
+                  dtype=host.SAVE_DTYPE, training={**vars(args), "host": "diffusers"})
+    files = []
+    vectors = getattr(out, "vectors", None)
+    if vectors is not None:
+        meta = deltas.build_metadata(kind="embedding", title=cfg.trigger, trigger=cfg.trigger, steps=args.ti_steps,
+                                     learning_rate=args.ti_lr, **common)
+        path = os.path.join(args.out, f"{cfg.trigger}.safetensors")  # A1111's trigger word is the file name
+        files.append(embeddings.save_embedding(deltas.unique_path(args.out, cfg.trigger) if os.path.exists(path) else path,
+                                               vectors, meta))
+    if out.delta is not None:
+        is_lora = args.train_mode.startswith("lora")
+        meta = deltas.build_metadata(kind="lora" if is_lora else "diff", title=name, rank=args.rank if is_lora else None,
+                                     alpha=args.alpha if is_lora else None, trigger=prompt,
+                                     steps=args.unet_steps if personal else args.steps,
+                                     learning_rate=args.unet_lr if personal else args.lr, **common)
+        files.append(deltas.save_delta(deltas.unique_path(args.out, name), out.delta, meta, dtype=host.SAVE_DTYPE))
     run = {"method": args.method, "host": "diffusers", "model": args.diffusers, "family": models.family,
-           "images": len(image_set), "resolution": res, "train_seconds": {"domainstudio": out.result.seconds},
-           "files": files, "prompts": prompts, "args": vars(args)}
+           "images": len(image_set), "resolution": res, "train_seconds": seconds, "files": files, "prompts": prompts,
+           "args": vars(args)}
     if args.samples:
-        after = host.sample_images(models, out.attached, **grid, adapted=True)
+        token = getattr(out, "token", None)
+        after_prompts = [host.expand_trigger(p, token.trigger, cfg.num_vectors) for p in prompts] if token else prompts
+        after = host.sample_images(models, out.attached, after_prompts, **grid, adapted=True)
         save_grid(before, args.samples, os.path.join(args.out, "samples_before.png"))
         save_grid(after, args.samples, os.path.join(args.out, "samples_after.png"))
         save_grid(torch.cat([before, after]), args.samples, os.path.join(args.out, "samples_before_after.png"))

@@ -254,7 +254,7 @@ def main(argv=None) -> int:
         spec = METHODS[method]
         for seed in args.seeds:
             t0 = time.perf_counter()
-            m, train_s = model, 0.0
+            m, train_s, losses = model, 0.0, {}
             if spec is not None:
                 spec = dict(spec)
                 prior_n = spec.pop("prior", 0)
@@ -271,6 +271,9 @@ def main(argv=None) -> int:
                                                         source_prompt=source_prompt, train_mode=mode, rank=args.rank,
                                                         alpha=float(args.rank), prior_latents=prior)
                 m, train_s = res.model, res.result.seconds
+                # first / last 50-step means of each weighted term: shows divergence and which term leads
+                losses = {k: [round(float(np.mean(v[:50])), 5), round(float(np.mean(v[-50:])), 5)]
+                          for k, v in res.result.history.items() if v}
             dom = sample(m, [target_prompt] * args.samples, seed)
             con = None if args.uncond else sample(m, [f"{TARGET_PROMPT} of {n}" for n in eval_names], seed + 100)
             df = features(dom)
@@ -283,7 +286,7 @@ def main(argv=None) -> int:
                 "content_to_target": (float("nan") if cf is None else
                                       float(np.sqrt(((cf - features(t_img[sp["eval"]])) ** 2).mean(1)).mean())),
                 "content_style": float("nan") if cf is None else float(clf.prob(cf).mean()),
-                "wall_s": round(time.perf_counter() - t0, 2),
+                "wall_s": round(time.perf_counter() - t0, 2), "loss_first_last50": losses,
             }
             rows.append(row)
             saved[f"{method}/{seed}/domain"] = to_uint8(dom)

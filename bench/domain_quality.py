@@ -55,6 +55,14 @@ METHODS = {
 DEMO_METHODS = ("base", "finetune_lora", "domainstudio")
 
 
+def method_settings(method: str, default_lr: float) -> tuple[int, str, float, dict]:
+    """(class images, train mode, learning rate, DomainStudio lambdas) of a METHODS entry; never
+    mutates METHODS (an earlier version popped keys from a shared dict, so seeds after the first ran
+    the defaults)."""
+    spec = dict(METHODS[method])
+    return spec.pop("prior", 0), spec.pop("train_mode", "lora_all"), spec.pop("learning_rate", default_lr), spec
+
+
 def features(images: np.ndarray) -> np.ndarray:
     """[N, 64, 64, 3] in 0..1 -> [N, 768]: 16x16 area-downsampled RGB."""
     n, h, w, c = images.shape
@@ -251,17 +259,13 @@ def main(argv=None) -> int:
     shots_t = torch.from_numpy(shots)
     rows, grids, saved = [], {}, {}
     for method in args.methods:
-        spec = METHODS[method]
         for seed in args.seeds:
             t0 = time.perf_counter()
             m, train_s, losses = model, 0.0, {}
-            if spec is not None:
-                spec = dict(spec)
-                prior_n = spec.pop("prior", 0)
-                mode = spec.pop("train_mode", "lora_all")
-                lr = spec.pop("learning_rate", args.lr)
+            if METHODS[method] is not None:
+                prior_n, mode, lr, lambdas = method_settings(method, args.lr)
                 cfg = DomainStudioConfig(steps=args.steps, learning_rate=lr, batch_size=args.batch, seed=seed,
-                                         lambda_prior=1.0 if prior_n else 0.0, **spec)
+                                         lambda_prior=1.0 if prior_n else 0.0, **lambdas)
                 prior = None
                 if prior_n:
                     with torch.inference_mode():

@@ -164,17 +164,120 @@ def save_grid(images, cols: int, path: str):
     save_png(tile(images, cols), path)
 
 
+class Job:
+    """What both hosts need from the arguments: the image set, the method's config, prompts and the
+    class-image count, validated before any model is loaded."""
+
+    def __init__(self, args):
+        from trainer import deltas
+        from trainer.domainstudio import DomainStudioConfig, TrainingError
+        from trainer.imageset import ImageSetError, prepare_image_set
+        from trainer.personalize import PersonalizeConfig, trains_unet, uses_token
+
+        self.personal = personal = args.method != "domainstudio"
+        try:
+            self.image_set = prepare_image_set(None, args.images, args.resolution, args.flip,
+                                               min_images=1 if personal else 2)
+        except ImageSetError as e:
+            sys.exit(f"dstrain: --images: {e}")
+        try:
+            self.name = deltas.sanitize_name(args.name or args.method, "--name")
+        except ValueError as e:
+            sys.exit(f"dstrain: {e}")
+        self.resolution = self.image_set.resolution
+        batch = args.batch_size or (1 if personal else 4)
+        n_prior = args.class_images if args.method in ("dreambooth", "domainstudio") else 0
+        if args.method == "dreambooth" and not args.class_images:
+            n_prior = 100
+        self.n_prior = n_prior = n_prior if args.lambda_prior > 0 else 0
+        if personal:
+            self.cfg = cfg = PersonalizeConfig(
+                method=args.method, class_noun=args.class_noun,
+                trigger=args.token if uses_token(args.method) else args.identifier, init_word=args.init_word,
+                num_vectors=args.num_vectors, ti_steps=args.ti_steps, ti_learning_rate=args.ti_lr,
+                unet_steps=args.unet_steps, unet_learning_rate=args.unet_lr, batch_size=batch,
+                lambda_prior=args.lambda_prior, seed=args.seed)
+            self.prompt, self.source_prompt = cfg.instance_prompt(), cfg.class_prompt()
+            self.total = ((args.ti_steps if uses_token(args.method) else 0)
+                          + (args.unet_steps if trains_unet(args.method) else 0))
+        else:
+            self.cfg = cfg = DomainStudioConfig(
+                steps=args.steps, learning_rate=args.lr, batch_size=batch, lambda_img=args.lambda_img,
+                lambda_hf=args.lambda_hf, lambda_hfmse=args.lambda_hfmse,
+                lambda_prior=args.lambda_prior if n_prior else 0.0, seed=args.seed)
+            self.prompt, self.source_prompt, self.total = args.target_prompt, args.source_prompt, args.steps
+        try:
+            warnings = cfg.validate(len(self.image_set)) if personal else cfg.validate(len(self.image_set), n_prior)
+        except TrainingError as e:
+            sys.exit(f"dstrain: {e}")
+        for w in (warnings or []) + self.image_set.warnings:
+            print(f"warning: {w}", file=sys.stderr)
+        self.prompts = [p for p in args.sample_prompts.split("|") if p.strip()] or [self.prompt]
+
+    def write(self, args, *, model_name: str, family: str, fingerprint: str, save_dtype, delta, vectors,
+              seconds: dict, before, after) -> int:
+        """The nodes' files (embedding, delta), the grids and run.json; prints what was written."""
+        import torch
+
+        from trainer import deltas, embeddings
+
+        common = dict(family=family, method=args.method, fingerprint=fingerprint, resolution=self.resolution,
+                      dtype=save_dtype, training=dict(vars(args)))
+        files = []
+        if vectors is not None:
+            trigger = self.cfg.trigger
+            meta = deltas.build_metadata(kind="embedding", title=trigger, trigger=trigger, steps=args.ti_steps,
+                                         learning_rate=args.ti_lr, **common)
+            path = os.path.join(args.out, f"{trigger}.safetensors")  # A1111's trigger word is the file name
+            files.append(embeddings.save_embedding(
+                deltas.unique_path(args.out, trigger) if os.path.exists(path) else path, vectors, meta))
+        if delta is not None:
+            is_lora = args.train_mode.startswith("lora")
+            meta = deltas.build_metadata(kind="lora" if is_lora else "diff", title=self.name,
+                                         rank=args.rank if is_lora else None, alpha=args.alpha if is_lora else None,
+                                         trigger=self.prompt, steps=args.unet_steps if self.personal else args.steps,
+                                         learning_rate=args.unet_lr if self.personal else args.lr, **common)
+            files.append(deltas.save_delta(deltas.unique_path(args.out, self.name), delta, meta, dtype=save_dtype))
+        run = {"method": args.method, "host": args.host, "model": model_name, "family": family,
+               "images": len(self.image_set), "resolution": self.resolution, "train_seconds": seconds, "files": files,
+               "prompts": self.prompts, "args": vars(args)}
+        if before is not None and after is not None:
+            grids = {"samples_before.png": before, "samples_after.png": after,
+                     "samples_before_after.png": torch.cat([before, after])}
+            for fname, images in grids.items():
+                save_grid(images, args.samples, os.path.join(args.out, fname))
+            run["grids"] = list(grids)
+        with open(os.path.join(args.out, "run.json.tmp"), "w") as f:
+            json.dump(run, f, indent=1, default=str)
+        os.replace(os.path.join(args.out, "run.json.tmp"), os.path.join(args.out, "run.json"))
+        for path in files:
+            print(f"saved {path}")
+        print(f"wrote {os.path.join(args.out, 'run.json')}")
+        return 0
+
+
+def train_guarded(bar, fn):
+    """Run the training call; a refused setting or Ctrl-C exits with a message and writes nothing."""
+    from trainer.domainstudio import TrainingError
+
+    try:
+        return fn()
+    except TrainingError as e:
+        sys.exit(f"dstrain: {e}")
+    except KeyboardInterrupt:
+        sys.exit("dstrain: interrupted; nothing was written")
+    finally:
+        bar.close()
+
+
 def main_diffusers(args) -> int:
     """`--host diffusers`: the same core over diffusers models (trainer/hosts/diffusers.py); never
     imports ComfyUI."""
     sys.path.insert(0, REPO)
     import torch
 
-    from trainer import deltas, embeddings
-    from trainer.domainstudio import DomainStudioConfig, TrainingError
+    from trainer.domainstudio import TrainingError
     from trainer.hosts import diffusers as host
-    from trainer.imageset import ImageSetError, prepare_image_set
-    from trainer.personalize import PersonalizeConfig, trains_unet, uses_token
 
     if not args.diffusers:
         sys.exit("dstrain: --host diffusers needs --diffusers DIR (a diffusers SD1.x/SD2.x model folder)")
@@ -182,113 +285,45 @@ def main_diffusers(args) -> int:
         sys.exit(f"dstrain: --diffusers {args.diffusers!r} is not a folder")
     if args.precision != "fp32" and args.method != "domainstudio":
         sys.exit("dstrain: --host diffusers trains personalization methods in fp32 only; drop --precision")
-    personal = args.method != "domainstudio"
-    try:
-        image_set = prepare_image_set(None, args.images, args.resolution, args.flip, min_images=1 if personal else 2)
-    except ImageSetError as e:
-        sys.exit(f"dstrain: --images: {e}")
-    try:
-        name = deltas.sanitize_name(args.name or args.method, "--name")
-    except ValueError as e:
-        sys.exit(f"dstrain: {e}")
+    job = Job(args)
     device = "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
     t_load = time.perf_counter()
     try:
         models = host.load_diffusers_folder(args.diffusers, device)
     except TrainingError as e:
         sys.exit(f"dstrain: --diffusers: {e}")
-    res = image_set.resolution
+    res = job.resolution
     print(f"loaded {args.diffusers} (diffusers, {models.family}, {models.schedule.prediction_type}) in "
-          f"{time.perf_counter() - t_load:.1f} s; {image_set.describe()}")
-    batch = args.batch_size or (1 if personal else 4)
-    n_prior = args.class_images if args.method in ("dreambooth", "domainstudio") else 0
-    if args.method == "dreambooth" and not args.class_images:
-        n_prior = 100
-    if args.lambda_prior <= 0:
-        n_prior = 0
-    if personal:
-        cfg = PersonalizeConfig(method=args.method, class_noun=args.class_noun,
-                                trigger=args.token if uses_token(args.method) else args.identifier,
-                                init_word=args.init_word, num_vectors=args.num_vectors, ti_steps=args.ti_steps,
-                                ti_learning_rate=args.ti_lr, unet_steps=args.unet_steps,
-                                unet_learning_rate=args.unet_lr, batch_size=batch, lambda_prior=args.lambda_prior,
-                                seed=args.seed)
-        prompt, source_prompt = cfg.instance_prompt(), cfg.class_prompt()
-        total = (args.ti_steps if uses_token(args.method) else 0) + (args.unet_steps if trains_unet(args.method) else 0)
-    else:
-        cfg = DomainStudioConfig(steps=args.steps, learning_rate=args.lr, batch_size=batch, lambda_img=args.lambda_img,
-                                 lambda_hf=args.lambda_hf, lambda_hfmse=args.lambda_hfmse,
-                                 lambda_prior=args.lambda_prior if n_prior else 0.0, seed=args.seed)
-        prompt, source_prompt, total = args.target_prompt, args.source_prompt, args.steps
-    try:
-        warnings = cfg.validate(len(image_set)) if personal else cfg.validate(len(image_set), n_prior)
-    except TrainingError as e:
-        sys.exit(f"dstrain: {e}")
-    for w in (warnings or []) + image_set.warnings:
-        print(f"warning: {w}", file=sys.stderr)
-    prompts = [p for p in args.sample_prompts.split("|") if p.strip()] or [prompt]
+          f"{time.perf_counter() - t_load:.1f} s; {job.image_set.describe()}")
     grid = dict(n=args.samples, resolution=res, steps=args.sample_steps, cfg=args.cfg)
-    before = host.sample_images(models, None, prompts, **grid, adapted=False) if args.samples else None
+    before = host.sample_images(models, None, job.prompts, **grid, adapted=False) if args.samples else None
     prior = None
-    if n_prior:
-        print(f"generating {n_prior} class images from {source_prompt!r}")
-        prior = host.sample_latents(models, None, source_prompt, range(args.seed, args.seed + n_prior), res,
+    if job.n_prior:
+        print(f"generating {job.n_prior} class images from {job.source_prompt!r}")
+        prior = host.sample_latents(models, None, job.source_prompt, range(args.seed, args.seed + job.n_prior), res,
                                     cfg=args.cfg)
     os.makedirs(args.out, exist_ok=True)
-    bar = Progress(total)
-    try:
-        if personal:
-            out = host.train_personalization_diffusers(
-                models, image_set.images, cfg, train_mode=args.train_mode, rank=args.rank, alpha=args.alpha,
-                prior_latents=prior, on_step=lambda stage, step, loss: bar(stage, loss))
-            seconds = {s.name: s.seconds for s in out.stages}
-        else:
-            out = host.train_domainstudio_diffusers(
-                models, image_set.images, cfg, target_prompt=prompt, source_prompt=source_prompt,
-                train_mode=args.train_mode, rank=args.rank, alpha=args.alpha, feature_space=args.feature_space,
-                prior_latents=prior, precision=args.precision, on_step=lambda step, parts: bar("", parts.total))
-            seconds = {"domainstudio": out.result.seconds}
-    except TrainingError as e:
-        sys.exit(f"dstrain: {e}")
-    except KeyboardInterrupt:
-        sys.exit("dstrain: interrupted; nothing was written")
-    finally:
-        bar.close()
-    common = dict(family=models.family, method=args.method, fingerprint=host.fingerprint(models.unet), resolution=res,
-                  dtype=host.SAVE_DTYPE, training={**vars(args), "host": "diffusers"})
-    files = []
-    vectors = getattr(out, "vectors", None)
-    if vectors is not None:
-        meta = deltas.build_metadata(kind="embedding", title=cfg.trigger, trigger=cfg.trigger, steps=args.ti_steps,
-                                     learning_rate=args.ti_lr, **common)
-        path = os.path.join(args.out, f"{cfg.trigger}.safetensors")  # A1111's trigger word is the file name
-        files.append(embeddings.save_embedding(deltas.unique_path(args.out, cfg.trigger) if os.path.exists(path) else path,
-                                               vectors, meta))
-    if out.delta is not None:
-        is_lora = args.train_mode.startswith("lora")
-        meta = deltas.build_metadata(kind="lora" if is_lora else "diff", title=name, rank=args.rank if is_lora else None,
-                                     alpha=args.alpha if is_lora else None, trigger=prompt,
-                                     steps=args.unet_steps if personal else args.steps,
-                                     learning_rate=args.unet_lr if personal else args.lr, **common)
-        files.append(deltas.save_delta(deltas.unique_path(args.out, name), out.delta, meta, dtype=host.SAVE_DTYPE))
-    run = {"method": args.method, "host": "diffusers", "model": args.diffusers, "family": models.family,
-           "images": len(image_set), "resolution": res, "train_seconds": seconds, "files": files, "prompts": prompts,
-           "args": vars(args)}
+    bar = Progress(job.total)
+    if job.personal:
+        out = train_guarded(bar, lambda: host.train_personalization_diffusers(
+            models, job.image_set.images, job.cfg, train_mode=args.train_mode, rank=args.rank, alpha=args.alpha,
+            prior_latents=prior, on_step=lambda stage, step, loss: bar(stage, loss)))
+        seconds = {s.name: s.seconds for s in out.stages}
+    else:
+        out = train_guarded(bar, lambda: host.train_domainstudio_diffusers(
+            models, job.image_set.images, job.cfg, target_prompt=job.prompt, source_prompt=job.source_prompt,
+            train_mode=args.train_mode, rank=args.rank, alpha=args.alpha, feature_space=args.feature_space,
+            prior_latents=prior, precision=args.precision, on_step=lambda step, parts: bar("", parts.total)))
+        seconds = {"domainstudio": out.result.seconds}
+    after = None
     if args.samples:
         token = getattr(out, "token", None)
-        after_prompts = [host.expand_trigger(p, token.trigger, cfg.num_vectors) for p in prompts] if token else prompts
+        after_prompts = ([host.expand_trigger(p, token.trigger, job.cfg.num_vectors) for p in job.prompts]
+                         if token else job.prompts)
         after = host.sample_images(models, out.attached, after_prompts, **grid, adapted=True)
-        save_grid(before, args.samples, os.path.join(args.out, "samples_before.png"))
-        save_grid(after, args.samples, os.path.join(args.out, "samples_after.png"))
-        save_grid(torch.cat([before, after]), args.samples, os.path.join(args.out, "samples_before_after.png"))
-        run["grids"] = ["samples_before.png", "samples_after.png", "samples_before_after.png"]
-    with open(os.path.join(args.out, "run.json.tmp"), "w") as f:
-        json.dump(run, f, indent=1, default=str)
-    os.replace(os.path.join(args.out, "run.json.tmp"), os.path.join(args.out, "run.json"))
-    for p in files:
-        print(f"saved {p}")
-    print(f"wrote {os.path.join(args.out, 'run.json')}")
-    return 0
+    return job.write(args, model_name=args.diffusers, family=models.family, fingerprint=host.fingerprint(models.unet),
+                     save_dtype=host.SAVE_DTYPE, delta=out.delta, vectors=getattr(out, "vectors", None),
+                     seconds=seconds, before=before, after=after)
 
 
 def main(argv=None) -> int:
@@ -299,123 +334,50 @@ def main(argv=None) -> int:
     sys.path.insert(0, REPO)
     import torch
 
-    from trainer import deltas, embeddings
-    from trainer.domainstudio import DomainStudioConfig, TrainingError
     from trainer.hosts import comfy as host
     from trainer.hosts import comfy_personalize as phost
-    from trainer.imageset import ImageSetError, prepare_image_set
-    from trainer.personalize import PersonalizeConfig, trains_unet, uses_token
 
-    personal = args.method != "domainstudio"
-    try:
-        image_set = prepare_image_set(None, args.images, args.resolution, args.flip, min_images=1 if personal else 2)
-    except ImageSetError as e:
-        sys.exit(f"dstrain: --images: {e}")
-    try:
-        name = deltas.sanitize_name(args.name or args.method, "--name")
-    except ValueError as e:
-        sys.exit(f"dstrain: {e}")
+    job = Job(args)
     os.makedirs(args.out, exist_ok=True)
     t_load = time.perf_counter()
     model, clip, vae = load_model(args)
     print(f"loaded {args.checkpoint or args.diffusers} ({host.model_family(model)}) in {time.perf_counter() - t_load:.1f} s; "
-          f"{image_set.describe()}")
-
-    batch = args.batch_size or (1 if personal else 4)
-    n_prior = args.class_images if args.method in ("dreambooth", "domainstudio") else 0
-    if args.method == "dreambooth" and not args.class_images:
-        n_prior = 100
-    if args.lambda_prior <= 0:
-        n_prior = 0
-    if personal:
-        cfg = PersonalizeConfig(method=args.method, class_noun=args.class_noun,
-                                trigger=args.token if uses_token(args.method) else args.identifier,
-                                init_word=args.init_word, num_vectors=args.num_vectors, ti_steps=args.ti_steps,
-                                ti_learning_rate=args.ti_lr, unet_steps=args.unet_steps,
-                                unet_learning_rate=args.unet_lr, batch_size=batch, lambda_prior=args.lambda_prior,
-                                seed=args.seed)
-        prompt = cfg.instance_prompt()
-        source_prompt = cfg.class_prompt()
-        total = (args.ti_steps if uses_token(args.method) else 0) + (args.unet_steps if trains_unet(args.method) else 0)
-    else:
-        cfg = DomainStudioConfig(steps=args.steps, learning_rate=args.lr, batch_size=batch, lambda_img=args.lambda_img,
-                                 lambda_hf=args.lambda_hf, lambda_hfmse=args.lambda_hfmse,
-                                 lambda_prior=args.lambda_prior if n_prior else 0.0, seed=args.seed)
-        prompt, source_prompt, total = args.target_prompt, args.source_prompt, args.steps
-    try:
-        warnings = cfg.validate(len(image_set), n_prior) if not personal else cfg.validate(len(image_set))
-    except TrainingError as e:
-        sys.exit(f"dstrain: {e}")
-    for w in (warnings or []) + image_set.warnings:
-        print(f"warning: {w}", file=sys.stderr)
-
-    prompts = [p for p in args.sample_prompts.split("|") if p.strip()] or [prompt]
-    res = image_set.resolution
-    before = sample_grid(model, clip, vae, prompts, args.samples, res, args.sample_steps, args.cfg) if args.samples else None
-
+          f"{job.image_set.describe()}")
+    res = job.resolution
+    before = (sample_grid(model, clip, vae, job.prompts, args.samples, res, args.sample_steps, args.cfg)
+              if args.samples else None)
     prior = None
-    if n_prior:
-        print(f"generating {n_prior} class images from {source_prompt!r}")
+    if job.n_prior:
+        print(f"generating {job.n_prior} class images from {job.source_prompt!r}")
         with torch.inference_mode():
-            prior = host.generate_class_latents(model, clip, source_prompt, n_prior, res, args.seed)
-    bar = Progress(total)
-    try:
+            prior = host.generate_class_latents(model, clip, job.source_prompt, job.n_prior, res, args.seed)
+    bar = Progress(job.total)
+
+    def train():
         with torch.inference_mode():
-            if personal:
-                out = phost.train_personalization_comfy(
-                    model, clip, vae, image_set.images, cfg, train_mode=args.train_mode, rank=args.rank,
+            if job.personal:
+                return phost.train_personalization_comfy(
+                    model, clip, vae, job.image_set.images, job.cfg, train_mode=args.train_mode, rank=args.rank,
                     alpha=args.alpha, prior_latents=prior, precision=args.precision,
                     on_step=lambda stage, step, loss: bar(stage, loss))
-                new_model, new_clip, delta, vectors = out.model, out.clip, out.delta, out.vectors
-                seconds = {s.name: s.seconds for s in out.stages}
-            else:
-                out = host.train_domainstudio_comfy(
-                    model, clip, vae, image_set.images, cfg, target_prompt=prompt, source_prompt=source_prompt,
-                    train_mode=args.train_mode, rank=args.rank, alpha=args.alpha, feature_space=args.feature_space,
-                    prior_latents=prior, precision=args.precision, on_step=lambda step, parts: bar("", parts.total))
-                new_model, new_clip, delta, vectors = out.model, clip, out.delta, None
-                seconds = {"domainstudio": out.result.seconds}
-    except TrainingError as e:
-        sys.exit(f"dstrain: {e}")
-    except KeyboardInterrupt:
-        sys.exit("dstrain: interrupted; nothing was written")
-    finally:
-        bar.close()
+            return host.train_domainstudio_comfy(
+                model, clip, vae, job.image_set.images, job.cfg, target_prompt=job.prompt,
+                source_prompt=job.source_prompt, train_mode=args.train_mode, rank=args.rank, alpha=args.alpha,
+                feature_space=args.feature_space, prior_latents=prior, precision=args.precision,
+                on_step=lambda step, parts: bar("", parts.total))
 
-    family = host.model_family(model)
-    common = dict(family=family, method=args.method, fingerprint=host.fingerprint(model), resolution=res,
-                  dtype=host.SAVE_DTYPE, training={k: v for k, v in vars(args).items()})
-    files = []
-    if vectors is not None:
-        meta = deltas.build_metadata(kind="embedding", title=cfg.trigger, trigger=cfg.trigger, steps=args.ti_steps,
-                                     learning_rate=args.ti_lr, **common)
-        path = os.path.join(args.out, f"{cfg.trigger}.safetensors")  # A1111's trigger word is the file name
-        files.append(embeddings.save_embedding(deltas.unique_path(args.out, cfg.trigger) if os.path.exists(path) else path,
-                                               vectors, meta))
-    if delta is not None:
-        is_lora = args.train_mode.startswith("lora")
-        meta = deltas.build_metadata(kind="lora" if is_lora else "diff", title=name, rank=args.rank if is_lora else None,
-                                     alpha=args.alpha if is_lora else None, trigger=prompt,
-                                     steps=args.unet_steps if personal else args.steps,
-                                     learning_rate=args.unet_lr if personal else args.lr, **common)
-        files.append(deltas.save_delta(deltas.unique_path(args.out, name), delta, meta))
-
-    run = {"method": args.method, "model": args.checkpoint or args.diffusers, "family": family,
-           "images": len(image_set), "resolution": res, "train_seconds": seconds, "files": files, "prompts": prompts,
-           "args": vars(args)}
-    if args.samples:
-        after = sample_grid(new_model, new_clip, vae, prompts, args.samples, res, args.sample_steps, args.cfg)
-        save_grid(before, args.samples, os.path.join(args.out, "samples_before.png"))
-        save_grid(after, args.samples, os.path.join(args.out, "samples_after.png"))
-        save_grid(torch.cat([before, after]), args.samples, os.path.join(args.out, "samples_before_after.png"))
-        run["grids"] = ["samples_before.png", "samples_after.png", "samples_before_after.png"]
-    with open(os.path.join(args.out, "run.json.tmp"), "w") as f:
-        json.dump(run, f, indent=1, default=str)
-    os.replace(os.path.join(args.out, "run.json.tmp"), os.path.join(args.out, "run.json"))
-    for p in files:
-        print(f"saved {p}")
-    print(f"wrote {os.path.join(args.out, 'run.json')}")
-    return 0
+    out = train_guarded(bar, train)
+    if job.personal:
+        new_model, new_clip, vectors = out.model, out.clip, out.vectors
+        seconds = {s.name: s.seconds for s in out.stages}
+    else:
+        new_model, new_clip, vectors = out.model, clip, None
+        seconds = {"domainstudio": out.result.seconds}
+    after = (sample_grid(new_model, new_clip, vae, job.prompts, args.samples, res, args.sample_steps, args.cfg)
+             if args.samples else None)
+    return job.write(args, model_name=args.checkpoint or args.diffusers, family=host.model_family(model),
+                     fingerprint=host.fingerprint(model), save_dtype=host.SAVE_DTYPE, delta=out.delta, vectors=vectors,
+                     seconds=seconds, before=before, after=after)
 
 
 if __name__ == "__main__":

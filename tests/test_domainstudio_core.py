@@ -372,3 +372,16 @@ def test_history_lengths_and_speed():
         assert min(h.values()) > 0
         expect = h["simple"] + 2.0 * h["img"] + 3.0 * h["hf"] + 0.5 * h["hfmse"] + 0.7 * h["prior"]
         assert h["total"] == pytest.approx(expect, rel=1e-5)
+
+
+def test_train_mode_layer_rule():
+    from trainer import layers
+    from trainer.domainstudio import TrainingError
+
+    attn = "input_blocks.1.1.transformer_blocks.0.attn2.to_out.0"
+    assert layers.mode_selects(attn, "lora_attn") and layers.mode_selects(attn, "full_all")
+    assert not layers.mode_selects("input_blocks.1.1.transformer_blocks.0.ff.net.2", "full_attn")
+    assert layers.mode_selects("input_blocks.1.1.transformer_blocks.0.ff.net.2", "lora_all")
+    assert not layers.is_attention_projection("down_blocks.0.attentions.0.proj_in")
+    with pytest.raises(TrainingError, match="train_mode='lora'"):
+        layers.check_train_mode("lora")

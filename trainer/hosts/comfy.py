@@ -25,13 +25,12 @@ import comfy.sd
 import comfy.utils
 from comfy.weight_adapter.lora import LoRAAdapter
 
-from .. import deltas
+from .. import deltas, layers
 from ..domainstudio import DomainStudioConfig, TrainResult, TrainingError, train_domainstudio
 
 log = logging.getLogger("DomainStudio")
 
-TRAIN_MODES = ("lora_attn", "lora_all", "full_attn", "full_all")
-_ATTN_LEAVES = ("to_q", "to_k", "to_v", "to_out.0")
+TRAIN_MODES = layers.TRAIN_MODES
 
 
 class AdapterSwitch:
@@ -71,17 +70,13 @@ class SwitchedDelta(torch.nn.Module):
 
 def trainable_module_names(diffusion_model: torch.nn.Module, mode: str) -> list[str]:
     """Names (relative to diffusion_model) of the layers a train mode touches."""
-    if mode not in TRAIN_MODES:
-        raise TrainingError(f"train_mode={mode!r} is unknown; choose one of {', '.join(TRAIN_MODES)}")
-    attn_only = mode.endswith("_attn")
+    layers.check_train_mode(mode)
     names = []
     for name, m in diffusion_model.named_modules():
         w = getattr(m, "weight", None)
         if not hasattr(m, "weight_function") or not isinstance(w, torch.Tensor) or w.ndim < 2:
             continue
-        if attn_only and not (
-            (".attn1." in name or ".attn2." in name) and name.endswith(_ATTN_LEAVES)
-        ):
+        if not layers.mode_selects(name, mode):
             continue
         names.append(name)
     if not names:

@@ -56,11 +56,10 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .. import deltas
+from .. import deltas, layers
 from ..domainstudio import DomainStudioConfig, TrainResult, TrainingError, train_domainstudio
 
-TRAIN_MODES = ("lora_attn", "lora_all", "full_attn", "full_all")
-_ATTN_LEAVES = ("to_q", "to_k", "to_v", "to_out.0")
+TRAIN_MODES = layers.TRAIN_MODES
 SAVE_DTYPE = torch.float16
 
 
@@ -190,16 +189,14 @@ def _make_forward(layer, delta: LayerDelta, switch: AdapterSwitch, original):
 
 def trainable_module_names(unet: torch.nn.Module, mode: str) -> list[str]:
     """Names (relative to the UNet) of the Linear/Conv2d layers a train mode touches."""
-    if mode not in TRAIN_MODES:
-        raise TrainingError(f"train_mode={mode!r} is unknown; choose one of {', '.join(TRAIN_MODES)}")
-    attn_only = mode.endswith("_attn")
+    layers.check_train_mode(mode)
     names = []
     for name, m in unet.named_modules():
         if not isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) or m.weight.ndim < 2:
             continue
         if isinstance(m, torch.nn.Conv2d) and m.groups != 1:
             continue
-        if attn_only and not ((".attn1." in name or ".attn2." in name) and name.endswith(_ATTN_LEAVES)):
+        if not layers.mode_selects(name, mode):
             continue
         names.append(name)
     if not names:

@@ -6,7 +6,8 @@ and samples), e.g. when the method x seed grid was run in parts on a small machi
 A later input's row replaces an earlier one for the same (method, seed). `--drop` leaves out a row of
 one input (a run known to be wrong). Settings that change results (steps, lr, rank, batch, samples,
 sampler, prompts, checkpoint, data) must agree; the seeds and thread counts may differ. The output
-records where every row came from. Samples are merged into OUT_samples.npz when every input has them.
+records where every row came from. Samples are merged into OUT_samples.npz when every input has them,
+and the grids domain_samples.png / domain_content.png (lowest seed) are redrawn from them.
 """
 
 from __future__ import annotations
@@ -51,7 +52,9 @@ def merge(inputs: list[str], drop: set[str] = frozenset()) -> tuple[dict, dict |
             if f"{key}@{os.path.basename(p)}" in drop:
                 continue
             rows[key], origin[key] = row, os.path.basename(p)
-    methods = list(dict.fromkeys(row["method"] for row in rows.values()))
+    known = list(dq.METHODS)
+    methods = sorted(dict.fromkeys(row["method"] for row in rows.values()),
+                     key=lambda m: known.index(m) if m in known else len(known))
     ordered = sorted(rows.values(), key=lambda row: (methods.index(row["method"]), row["seed"]))
     arrays = None
     files = [samples_file(p, r) for p, r in results]
@@ -75,6 +78,22 @@ def merge(inputs: list[str], drop: set[str] = frozenset()) -> tuple[dict, dict |
     return merged, arrays
 
 
+def write_grids(arrays: dict, methods: list[str], seed: int, out_dir: str) -> dict:
+    """domain_samples.png (the shots, then 10 samples per method) and domain_content.png (real
+    Twemoji and Noto renderings of the held-out emoji, then each method's), from one seed."""
+    f = lambda a: a.astype(np.float32) / 255  # noqa: E731
+    shown = [m for m in methods if f"{m}/{seed}/domain" in arrays]
+    dq.grid([f(arrays["shots"])] + [f(arrays[f"{m}/{seed}/domain"][:10]) for m in shown],
+            os.path.join(out_dir, "domain_samples.png"))
+    grids = {"domain_samples.png": ["shots"] + [f"{m} (seed {seed})" for m in shown]}
+    content = [m for m in shown if f"{m}/{seed}/content" in arrays]
+    if content:
+        dq.grid([f(arrays["eval_twitter"]), f(arrays["eval_google"])] + [f(arrays[f"{m}/{seed}/content"]) for m in content],
+                os.path.join(out_dir, "domain_content.png"))
+        grids["domain_content.png"] = ["twitter (real)", "google (real)"] + [f"{m} (seed {seed})" for m in content]
+    return grids
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("out")
@@ -94,6 +113,8 @@ def main(argv=None) -> int:
         np.savez_compressed(npz + ".tmp.npz", **arrays)
         os.replace(npz + ".tmp.npz", npz)
         merged["samples_npz"] = os.path.basename(npz)
+        out_dir = os.path.dirname(os.path.abspath(args.out))
+        merged["grids"] = write_grids(arrays, methods, min(merged["setting"]["seeds"]), out_dir)
     with open(args.out + ".tmp", "w") as f:
         json.dump(merged, f, indent=1)
     os.replace(args.out + ".tmp", args.out)

@@ -24,3 +24,13 @@ def mode_selects(name: str, mode: str) -> bool:
     """Whether `mode` trains the (matrix-shaped) layer `name`: *_all trains every one, *_attn only
     the attention projections."""
     return not mode.endswith("_attn") or is_attention_projection(name)
+
+
+def select_layers(named_modules, mode: str, is_candidate) -> list[str]:
+    """Names of the modules (from `named_modules`, (name, module) pairs) that `mode` trains, among
+    those the host can wrap (`is_candidate(module)`)."""
+    check_train_mode(mode)
+    names = [name for name, m in named_modules if is_candidate(m) and mode_selects(name, mode)]
+    if not names:
+        raise TrainingError(f"train_mode={mode!r} found no layers to train in this model")
+    return names

@@ -69,19 +69,13 @@ class SwitchedDelta(torch.nn.Module):
 
 
 def trainable_module_names(diffusion_model: torch.nn.Module, mode: str) -> list[str]:
-    """Names (relative to diffusion_model) of the layers a train mode touches."""
-    layers.check_train_mode(mode)
-    names = []
-    for name, m in diffusion_model.named_modules():
+    """Names (relative to diffusion_model) of the layers a train mode touches: ComfyUI's cast
+    layers (they carry `weight_function`, where weight wrappers hook in) with a matrix weight."""
+    def wrappable(m):
         w = getattr(m, "weight", None)
-        if not hasattr(m, "weight_function") or not isinstance(w, torch.Tensor) or w.ndim < 2:
-            continue
-        if not layers.mode_selects(name, mode):
-            continue
-        names.append(name)
-    if not names:
-        raise TrainingError(f"train_mode={mode!r} found no layers to train in this model")
-    return names
+        return hasattr(m, "weight_function") and isinstance(w, torch.Tensor) and w.ndim >= 2
+
+    return layers.select_layers(diffusion_model.named_modules(), mode, wrappable)
 
 
 @dataclass

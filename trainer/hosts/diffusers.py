@@ -188,20 +188,13 @@ def _make_forward(layer, delta: LayerDelta, switch: AdapterSwitch, original):
 
 
 def trainable_module_names(unet: torch.nn.Module, mode: str) -> list[str]:
-    """Names (relative to the UNet) of the Linear/Conv2d layers a train mode touches."""
-    layers.check_train_mode(mode)
-    names = []
-    for name, m in unet.named_modules():
-        if not isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) or m.weight.ndim < 2:
-            continue
-        if isinstance(m, torch.nn.Conv2d) and m.groups != 1:
-            continue
-        if not layers.mode_selects(name, mode):
-            continue
-        names.append(name)
-    if not names:
-        raise TrainingError(f"train_mode={mode!r} found no layers to train in this model")
-    return names
+    """Names (relative to the UNet) of the Linear/Conv2d layers a train mode touches (grouped
+    convolutions excluded)."""
+    def wrappable(m):
+        return (isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and m.weight.ndim >= 2
+                and not (isinstance(m, torch.nn.Conv2d) and m.groups != 1))
+
+    return layers.select_layers(unet.named_modules(), mode, wrappable)
 
 
 @dataclass

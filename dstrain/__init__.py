@@ -1,1 +1,1 @@
-"""Headless trainer (`python -m dstrain`); see __main__.py."""
+"""Headless trainer: `python -m dstrain` / `python path/to/repo/dstrain` (cli.py)."""

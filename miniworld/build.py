@@ -2,10 +2,13 @@
 
     python -m miniworld.build [--out PATH]
 
-Contents: the shipped UNet (``model.diffusion_model.*``), the frozen random CLIP-L regenerated from
-its seed (``cond_stage_model.transformer.text_model.*``, ~247 MB in fp16, which is why it never
-ships), and the shipped TAESD-architecture VAE (``first_stage_model.taesd_*``, ``vae_scale``,
-``vae_shift``), all fp16. The same inputs give a byte-identical file; by default it goes to
+Contents: the shipped UNet, trained and shipped as low-rank factors
+(``weights/unet_factors_fp16.safetensors``, miniworld/factor.py) and multiplied out here into the
+ordinary two-level SD1.5-layout UNet (``model.diffusion_model.*``, 44 M params in the checkpoint);
+the frozen random CLIP-L regenerated from its seed (``cond_stage_model.transformer.text_model.*``,
+~247 MB in fp16, which is why it never ships); and the shipped TAESD-architecture VAE
+(``first_stage_model.taesd_*``, ``vae_scale``, ``vae_shift``); all fp16. The same inputs give a
+byte-identical file; by default it goes to
 ``$DS_CACHE/miniworld-<key>/checkpoints/miniworld_sd15.safetensors`` where ``key`` hashes the
 shipped weights and the recipe, so a retrain or a recipe change builds a new file.
 """
@@ -21,16 +24,50 @@ import torch
 
 from . import config
 
-BUILD_VERSION = "1"  # bump when the assembly below changes
+BUILD_VERSION = "2"  # bump when the assembly below changes (2: factorised two-level UNet)
+
+# The one-level UNet shipped before DATA_VERSION 2 (full-rank file), still built while the retrain runs;
+# removed with that file by `python -m miniworld.train --stage install`.
+_LEGACY_UNET_FILE = os.path.join(config.WEIGHTS_DIR, "unet_fp16.safetensors")
+_LEGACY_UNET_CONFIG = {
+    "use_checkpoint": False, "image_size": 8, "use_spatial_transformer": True, "legacy": False,
+    "adm_in_channels": None, "in_channels": 4, "out_channels": 4, "model_channels": 320,
+    "num_res_blocks": [1], "transformer_depth": [1], "transformer_depth_output": [1, 0],
+    "channel_mult": [1], "transformer_depth_middle": -2, "use_linear_in_transformer": False,
+    "context_dim": 768, "num_head_channels": 64, "num_heads": -1,
+    "use_temporal_resblock": False, "use_temporal_attention": False,
+}
+
+
+def _legacy() -> bool:
+    return not os.path.exists(config.UNET_FILE) and os.path.exists(_LEGACY_UNET_FILE)
 
 
 def key() -> str:
     h = hashlib.sha256()
-    for f in (config.UNET_FILE, config.VAE_FILE):
+    unet_file = _LEGACY_UNET_FILE if _legacy() else config.UNET_FILE
+    for f in (unet_file, config.VAE_FILE):
+        if not os.path.exists(f):
+            raise FileNotFoundError(f"miniworld weights missing: {f} (retrain with `python -m miniworld.train`)")
         with open(f, "rb") as fh:
             h.update(hashlib.sha256(fh.read()).digest())
-    h.update(json.dumps([BUILD_VERSION, config.CLIP_SEED, config.UNET_CONFIG], sort_keys=True).encode())
+    if _legacy():
+        h.update(json.dumps(["1", config.CLIP_SEED, _LEGACY_UNET_CONFIG], sort_keys=True).encode())
+    else:
+        h.update(json.dumps([BUILD_VERSION, config.CLIP_SEED, config.UNET_CONFIG, config.UNET_RANKS],
+                            sort_keys=True).encode())
     return h.hexdigest()[:12]
+
+
+def unet_state_dict() -> dict:
+    """The shipped UNet as ordinary ComfyUI UNet tensors (float32): the factors multiplied out."""
+    import safetensors.torch
+
+    from . import factor, models
+
+    if _legacy():
+        return {k: v.float() for k, v in safetensors.torch.load_file(_LEGACY_UNET_FILE).items()}
+    return factor.expanded_state_dict(models.load_factored_unet(config.UNET_FILE))
 
 
 def default_path() -> str:
@@ -43,12 +80,58 @@ def state_dict() -> dict:
 
     from . import models
 
-    base, unet = models.new_unet()
-    unet.load_state_dict({k: v.float() for k, v in safetensors.torch.load_file(config.UNET_FILE).items()})
+    if _legacy():
+        base = comfy_sd15(_LEGACY_UNET_CONFIG)
+        unet = base.diffusion_model
+    else:
+        base, unet = models.new_unet()
+    unet.load_state_dict(unet_state_dict())
     vae_sd = safetensors.torch.load_file(config.VAE_FILE)
     clip_sd = models.clip_state_dict()
-    sd = base.state_dict_for_saving(clip_sd, vae_sd)
+    # BaseModel.state_dict_for_saving's parameters changed between ComfyUI releases (a positional
+    # (clip, vae) call writes a file newer hosts cannot detect): the pack's compat layer calls it.
+    sd = _comfy_compat().checkpoint_state_dict(base, clip_sd, vae_sd)
     return {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in sd.items()}
+
+
+def comfy_sd15(unet_config: dict):
+    from .comfyenv import comfy
+
+    return comfy().supported_models.SD15(dict(unet_config)).get_model({})
+
+
+def _comfy_compat():
+    """trainer/hosts/comfy_compat.py under the pack's one package name, registered by the repo's
+    __init__.py when nothing (ComfyUI, tests/conftest.py) has done so yet."""
+    import importlib
+    import runpy
+    import sys
+
+    if "comfyui_domainstudio" not in sys.modules:
+        runpy.run_path(os.path.join(os.path.dirname(config.HERE), "__init__.py"))
+    return importlib.import_module("comfyui_domainstudio.trainer.hosts.comfy_compat")
+
+
+def check_loads_as_sd15(path: str) -> None:
+    """Raise unless ComfyUI's own checkpoint loader reads ``path`` as SD1.5 with a CLIP and a TAESD VAE."""
+    from .comfyenv import comfy
+
+    c = comfy()
+    import comfyui_version
+
+    what = f"miniworld checkpoint written for ComfyUI {comfyui_version.__version__}"
+    try:
+        model, clip, vae = c.sd.load_checkpoint_guess_config(path, output_vae=True, output_clip=True)[:3]
+    except Exception as e:
+        raise RuntimeError(f"{what} does not load through comfy.sd.load_checkpoint_guess_config: {str(e).strip()} "
+                           "Check trainer/hosts/comfy_compat.py checkpoint_state_dict against this host.") from e
+    got = type(model.model.model_config) if model is not None else None
+    if got is not c.supported_models.SD15:
+        raise RuntimeError(f"{what} loads as {getattr(got, '__name__', got)}, not supported_models.SD15 "
+                           "(see trainer/hosts/comfy_compat.py checkpoint_state_dict).")
+    if clip is None or vae is None or not isinstance(vae.first_stage_model, c.taesd.taesd.TAESD):
+        raise RuntimeError(f"{what} loads without its CLIP-L or TAESD VAE "
+                           "(see trainer/hosts/comfy_compat.py checkpoint_state_dict).")
 
 
 def build(out: str | None = None) -> str:
@@ -62,8 +145,13 @@ def build(out: str | None = None) -> str:
         with open(config.RECORD_FILE) as f:
             rec = json.load(f)
         meta["miniworld.data"] = json.dumps(rec.get("data", {}), sort_keys=True)
-    tmp = out + ".tmp"
+    tmp = out + ".tmp.safetensors"  # ComfyUI's loaders pick the format by the extension
     write_safetensors(state_dict(), tmp, meta)
+    try:
+        check_loads_as_sd15(tmp)  # a file the host cannot load never lands
+    except BaseException:
+        os.remove(tmp)
+        raise
     os.replace(tmp, out)
     return out
 

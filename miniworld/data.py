@@ -1,7 +1,12 @@
 """Emoji image sets from npm (emoji-datasource-<style>@EMOJI_VERSION), cached under $DS_CACHE/emoji.
 
-Only training (and demos that need the target-style images) call ``fetch``; tests use shipped weights
-and the small cached arrays if present. Images are 64x64 RGBA PNGs composited on white.
+The world: every emoji *concept* of the package except flags, the skin-tone components and ZWJ
+sequences (skin-tone variants are not separate entries), that both the source (Google / Noto) and
+the target (Twitter) style draw: 1,391 at 16.0.0, ordered by the package's ``sort_order``. A fixed
+tenth of them (``config.HELDOUT_EVERY``) is the held-out caption split: the UNet never sees their
+names or images (the VAE never sees their images either). Only training, the benchmarks and demos
+call :func:`load` (it runs ``npm pack`` once); tests use the shipped sprite (:func:`reference`).
+Images are the 64x64 RGBA PNGs composited on white.
 """
 
 from __future__ import annotations
@@ -27,8 +32,8 @@ def tarball(style: str) -> str:
     os.makedirs(d, exist_ok=True)
     path = os.path.join(d, f"{_pkg(style)}-{config.EMOJI_VERSION}.tgz")
     if not os.path.exists(path):
-        subprocess.run(["npm", "pack", f"{_pkg(style)}@{config.EMOJI_VERSION}", "--pack-destination", d],
-                       check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(["npm", "pack", "--silent", "--loglevel=error", f"{_pkg(style)}@{config.EMOJI_VERSION}",
+                        "--pack-destination", d], check=True, stdout=subprocess.DEVNULL)
         if not os.path.exists(path):
             raise RuntimeError(f"npm pack did not produce {path}")
     return path
@@ -37,19 +42,28 @@ def tarball(style: str) -> str:
 def _select(entries: list[dict]) -> list[dict]:
     styles = (config.SOURCE_STYLE,) + tuple(config.TARGET_STYLES)
     out = [e for e in entries
-           if e["category"] in config.CATEGORIES and all(e.get(f"has_img_{s}") for s in styles) and e.get("name")]
+           if e["category"] not in config.EXCLUDED_CATEGORIES and all(e.get(f"has_img_{s}") for s in styles)
+           and e.get("name") and "200D" not in e["unified"].split("-")]
     out.sort(key=lambda e: e["sort_order"])
     return out
 
 
+def split_of(i: int) -> str:
+    """'heldout' for every HELDOUT_EVERY-th concept (offset HELDOUT_OFFSET, in sort order), else 'train'."""
+    return "heldout" if i % config.HELDOUT_EVERY == config.HELDOUT_OFFSET else "train"
+
+
 def captions_for(name: str) -> list[str]:
+    """The fixed named captions of a concept: ``{name}``, ``an emoji of {name}`` (index 1, what the
+    tests and benchmarks prompt). Training adds ``a <filler> emoji of {name}`` (see miniworld.captions)."""
     return [t.format(name=name) for t in config.CAPTION_TEMPLATES]
 
 
 def load(style: str) -> dict:
-    """{'images': uint8 [N,64,64,3] on white, 'names': [...], 'codes': [...]} for the subset, cached as .npz."""
+    """{'images': uint8 [N,64,64,3] on white, 'names', 'codes', 'categories', 'split' ('train' /
+    'heldout'), 'style', 'package'} for every concept of the world, cached as .npz + .json."""
     d = os.path.join(config.cache_dir(), "emoji")
-    cache = os.path.join(d, f"subset-v{config.DATA_VERSION}-{style}-{config.EMOJI_VERSION}.npz")
+    cache = os.path.join(d, f"concepts-v{config.DATA_VERSION}-{style}-{config.EMOJI_VERSION}.npz")
     meta_path = cache[:-4] + ".json"
     if os.path.exists(cache) and os.path.exists(meta_path):
         with np.load(cache, allow_pickle=False) as z:
@@ -62,7 +76,7 @@ def load(style: str) -> dict:
     with tarfile.open(tarball(config.SOURCE_STYLE)) as tf:
         entries = json.load(tf.extractfile("package/emoji.json"))
     sel = _select(entries)
-    images, names, codes = [], [], []
+    images, names, codes, cats = [], [], [], []
     with tarfile.open(tarball(style)) as tf:
         for e in sel:
             member = f"package/img/{style}/{config.IMAGE_SIZE}/{e['image']}"
@@ -73,7 +87,9 @@ def load(style: str) -> dict:
             images.append(np.asarray(Image.alpha_composite(bg, im).convert("RGB")))
             names.append(e["name"].lower())
             codes.append(e["unified"])
-    meta = {"names": names, "codes": codes, "style": style, "package": f"{_pkg(style)}@{config.EMOJI_VERSION}"}
+            cats.append(e["category"])
+    meta = {"names": names, "codes": codes, "categories": cats, "split": [split_of(i) for i in range(len(sel))],
+            "style": style, "package": f"{_pkg(style)}@{config.EMOJI_VERSION}"}
     arr = np.stack(images).astype(np.uint8)
     tmp = cache + ".tmp.npz"
     np.savez_compressed(tmp, images=arr)
@@ -88,7 +104,7 @@ SPRITE_COLS = 16
 
 def write_sprite(images: np.ndarray, path: str) -> None:
     """uint8 [N,64,64,3] -> one PNG grid (SPRITE_COLS per row, white padding)."""
-    from trainer.plot import save_png, tile
+    from trainer.grids import save_png, tile
 
     save_png(tile(images, SPRITE_COLS), path, optimize=True)
 
@@ -104,8 +120,18 @@ def read_sprite(path: str, n: int, size: int = config.IMAGE_SIZE) -> np.ndarray:
     return np.stack(out)
 
 
+def train_indices(ds: dict) -> list[int]:
+    return [i for i, s in enumerate(ds["split"]) if s == "train"]
+
+
+def heldout_indices(ds: dict) -> list[int]:
+    return [i for i, s in enumerate(ds["split"]) if s == "heldout"]
+
+
 def reference() -> dict:
-    """The shipped training set (no download): {'images': uint8 [N,64,64,3], 'names': [...], 'codes': [...]}.
+    """The UNet's training set, shipped (no download): {'images': uint8 [N,64,64,3], 'names', 'codes',
+    'captions', 'categories'}; every code is in ``load(style)['codes']``, and the concepts of ``load``
+    that are not here are the held-out ones the model never saw.
 
     The images are Google's Noto Color Emoji (Apache-2.0) from emoji-datasource-google, composited on white."""
     with open(config.REFERENCE_JSON) as f:
@@ -116,9 +142,10 @@ def reference() -> dict:
 def export_reference() -> None:
     """Write the UNet's training images (sprite PNG) + names/captions (JSON) next to the weights."""
     ds = load(config.SOURCE_STYLE)
-    idx = list(range(0, len(ds["names"]), config.TRAIN_STRIDE))
+    idx = train_indices(ds)
     write_sprite(ds["images"][idx], config.REFERENCE_PNG)
     meta = {"names": [ds["names"][i] for i in idx], "codes": [ds["codes"][i] for i in idx],
+            "categories": [ds["categories"][i] for i in idx],
             "captions": [captions_for(ds["names"][i]) for i in idx], "package": ds["package"],
             "license": "Noto Color Emoji images, Apache-2.0 (emoji-datasource-google)"}
     with open(config.REFERENCE_JSON, "w") as f:

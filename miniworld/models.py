@@ -51,6 +51,25 @@ def new_unet(seed: int = config.SEED):
     return model, unet
 
 
+def new_factored_unet(seed: int = config.SEED):
+    """The UNet as it is trained: ``new_unet`` with its big layers replaced by low-rank factors
+    (miniworld/factor.py, ranks config.UNET_RANKS; fresh seeded init, zero-init layers stay zero)."""
+    from . import factor
+
+    _, unet = new_unet(seed)
+    factor.factorize(unet, config.UNET_RANKS, seed + 1)
+    return unet
+
+
+def load_factored_unet(path: str = config.UNET_FILE):
+    """The shipped (or a work-dir) factor file in a factorised UNet, float32."""
+    import safetensors.torch
+
+    unet = new_factored_unet()
+    unet.load_state_dict({k: v.float() for k, v in safetensors.torch.load_file(path).items()})
+    return unet
+
+
 def new_taesd(seed: int = config.SEED + 1):
     c = comfy()
     vae = c.taesd.taesd.TAESD(latent_channels=config.LATENT_CHANNELS)

@@ -3,37 +3,17 @@ refusing files made for another architecture or base model unless told to ignore
 
 import logging
 
-import folder_paths
 from comfy_api.v0_0_2 import io
 
 from ..trainer.deltas import WeightFileError
-from ..trainer.hosts import comfy as host
+from ..trainer.hosts import comfy_compat as compat
+from ..trainer.hosts import comfy_files
+from . import common
 from .types import CATEGORY
 
 log = logging.getLogger("DomainStudio")
 
-LORA_PREFIX = "loras/"
-EMBEDDING_PREFIX = "embeddings/"
-
-
-def weight_file_options() -> list[str]:
-    """'loras/<file>' and 'embeddings/<file>' for every file the stock loaders list."""
-    out = [LORA_PREFIX + f for f in folder_paths.get_filename_list("loras")]
-    out += [EMBEDDING_PREFIX + f for f in folder_paths.get_filename_list("embeddings")]
-    return out
-
-
-def resolve_weight_file(choice: str) -> tuple[str, str]:
-    """('loras' | 'embeddings', absolute path) of a combo choice."""
-    for prefix in (LORA_PREFIX, EMBEDDING_PREFIX):
-        if choice.startswith(prefix):
-            folder = prefix[:-1]
-            path = folder_paths.get_full_path(folder, choice[len(prefix):])
-            if path is None:
-                raise ValueError(f"DomainStudio Load Weights: {choice!r} was not found in models/{folder} (refresh the "
-                                 "node list after adding files)")
-            return folder, path
-    raise ValueError(f"DomainStudio Load Weights: file={choice!r} must start with 'loras/' or 'embeddings/'")
+NODE = "DomainStudio Load Weights"
 
 
 class DomainStudioLoadWeights(io.ComfyNode):
@@ -49,7 +29,7 @@ class DomainStudioLoadWeights(io.ComfyNode):
             inputs=[
                 io.Model.Input("model"),
                 io.Clip.Input("clip", optional=True, tooltip="Needed for embeddings and text-encoder deltas."),
-                io.Combo.Input("file", options=weight_file_options(),
+                io.Combo.Input("file", options=common.weight_file_options(),
                                tooltip="loras/...: a delta for the MODEL; embeddings/...: an embedding for the CLIP "
                                "(then write embedding:NAME in the prompt, NAME = file name without extension)."),
                 io.Float.Input("strength_model", default=1.0, min=-20.0, max=20.0, step=0.01,
@@ -68,17 +48,19 @@ class DomainStudioLoadWeights(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, file, strength_model, strength_clip, ignore_mismatch, clip=None) -> io.NodeOutput:
-        folder, path = resolve_weight_file(file)
+        compat.require(NODE)
+        folder, path = common.resolve_weight_file(NODE, file)
         try:
             if folder == "embeddings":
                 if clip is None:
                     raise ValueError("an embedding needs a CLIP: connect the clip input")
-                applied = host.apply_embedding_file(clip, path, strength_clip, model=model, override=ignore_mismatch)
+                applied = comfy_files.apply_embedding_file(clip, path, strength_clip, model=model,
+                                                           override=ignore_mismatch, name=file)
             else:
-                applied = host.apply_delta_file(model, clip, path, strength_model, strength_clip,
-                                                override=ignore_mismatch)
+                applied = comfy_files.apply_delta_file(model, clip, path, strength_model, strength_clip,
+                                                       override=ignore_mismatch, name=file)
         except (WeightFileError, ValueError) as e:
-            raise ValueError(f"DomainStudio Load Weights: {e}") from None
+            raise ValueError(f"{NODE}: {e}") from None
         if applied.mismatches:
-            log.warning("DomainStudio Load Weights: %s", applied.info)
+            log.warning("%s: %s", NODE, applied.info)
         return io.NodeOutput(applied.model, applied.clip, applied.info)

@@ -2,12 +2,22 @@
 """Convert an API-format ComfyUI workflow (what /prompt takes) into a UI-format one (the litegraph
 JSON, schema 0.4, that the frontend loads from example_workflows/ as a template), and back.
 
-    python scripts/api_to_ui.py example_workflows/domainstudio_api.json \\
-        --object-info http://127.0.0.1:8188 -o example_workflows/domainstudio_basic.json
+    python scripts/api_to_ui.py example_workflows/api/domainstudio_text.json \\
+        --object-info http://127.0.0.1:8188 -o example_workflows/domainstudio_text.json
+    python scripts/api_to_ui.py --all --object-info http://127.0.0.1:8188   # every example
 
 --object-info is a ComfyUI server (its /object_info is fetched) or a saved /object_info JSON file.
-The result depends only on the node definitions' structure (input names, types, order, outputs),
-not on a server's model lists, so any server with this pack gives the same file.
+The result depends only on the node definitions' structure (input names, types, order, outputs,
+defaults), not on a server's model lists, so any server with this pack gives the same file. Use
+the oldest supported host (its frontend shows every input, so its nodes are the tallest).
+
+Layout: when every node of the API workflow carries `"_meta": {"layout": [column, row]}`, nodes are
+placed in that grid (columns left to right, rows stacked); otherwise in columns by graph depth.
+`"_meta": {"size": [width, height]}` sets a node's width (its height only grows past the minimum).
+Sizes follow the frontend's own minimum sizes (and the DOM widget js/domainstudio.js adds), and
+the saved view (`extra.ds`) shows every node in the free part of a 1400x900 window.
+`--complete` / `--all` fill in inputs an API workflow leaves out with the node's defaults, so the
+API twins stay complete (what /prompt needs) when a node gains an input.
 
 How the frontend (ComfyUI_frontend 1.32, src/services/litegraphService.ts) builds a node, mirrored here:
 * inputs are taken in `input_order` (required, then optional);
@@ -21,6 +31,11 @@ How the frontend (ComfyUI_frontend 1.32, src/services/litegraphService.ts) build
 * file COMBOs with image_upload/video_upload (LoadImage, ...) get an upload widget, audio_upload two,
   after all other widgets (frontend extensions add them).
 
+validate_ui() lists what stops a UI workflow from loading and queueing on a given host (unknown node
+types, widget values that do not fit, incompatible links, unconnected required inputs);
+api_meaning() reduces an API workflow to what it means, to compare twins whatever their bytes.
+tests/test_example_workflow_ui.py runs both against a live server for every example workflow.
+
 Pure standard library.
 """
 
@@ -28,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import urllib.parse
 import urllib.request
@@ -37,10 +53,24 @@ CONTROL_MODES = ["fixed", "increment", "decrement", "randomize"]
 CONTROL_VALUE = "fixed"  # keeps the seeds of the API workflow, so runs are reproducible
 FRONTEND_ONLY = {"Note", "MarkdownNote"}  # UI nodes that never reach /prompt
 
-# Layout (canvas units). Heights follow litegraph's computeSize: a slot row is 20, a widget 24.
-SLOT_H, WIDGET_H, MULTILINE_H, PAD_H = 20, 24, 150, 14
-COL_GAP, ROW_GAP, ORIGIN = 90, 60, (50, 80)
+# Layout (canvas units). Heights follow litegraph's computeSize (measured in the 1.32 and 1.47
+# frontends): a slot row is 20, a plain widget 24, a multiline text at least 54 (given MULTILINE_H
+# here, room to read a prompt), 14 of padding; the title bar (TITLE_H) is drawn above `pos`.
+SLOT_H, WIDGET_H, MULTILINE_H, PAD_H, TITLE_H = 20, 24, 96, 14, 30
+# DOM widgets that frontend extensions add to nodes, by node-type prefix: js/domainstudio.js gives
+# every DomainStudio_* node its progress display (getMinHeight 170, plus the frontend's 4 of margin).
+DOM_WIDGETS = {"DomainStudio_": 174}
+COL_GAP, ROW_GAP, ORIGIN = 60, 60, (50, 80)
 SHAPE_GRID, SHAPE_HOLLOW_CIRCLE = 6, 7  # litegraph RenderShape
+# The saved view (extra.ds) fits every node into the part of a 1400x900 window that the frontend's
+# own chrome leaves free: the left sidebar (60 px), the tabs, banner and floating run bar above
+# (up to y 130 in 1.32), a margin. Measured in the 1.32 and 1.47 frontends (tests/browser checks
+# that nothing covers a node when the workflow opens).
+VIEW_BOX = (75, 140, 1385, 885)  # x0, y0, x1, y1 in CSS pixels
+# Below this zoom the classic canvas draws nodes without text (LiteGraph's level of detail: the
+# setting LiteGraph.Canvas.MinFontSizeForLOD, default 8 px, over NODE_TEXT_SIZE 14 px): a saved view
+# must not open a workflow there, so a layout that only fits further out is refused.
+MIN_SCALE = 0.58
 
 
 # --------------------------------------------------------------------------- node definitions
@@ -183,12 +213,13 @@ def _depths(api: dict) -> dict[str, int]:
     return depth
 
 
-def _node_size(node_def: dict, n_inputs: int, title: str) -> list[int]:
+def _node_size(node_def: dict, n_inputs: int, title: str, node_type: str = "") -> list[int]:
     widgets = widget_layout(node_def)
     multiline = sum(1 for _, kind, spec in widgets if kind == "value" and input_type(spec) == "STRING"
                     and input_options(spec).get("multiline"))
     rows = max(n_inputs, len(node_def.get("output", [])))
     h = rows * SLOT_H + (len(widgets) - multiline) * WIDGET_H + multiline * MULTILINE_H + PAD_H
+    h += sum(extra for prefix, extra in DOM_WIDGETS.items() if node_type.startswith(prefix))
     w = 315
     if multiline:
         w = 400
@@ -196,8 +227,26 @@ def _node_size(node_def: dict, n_inputs: int, title: str) -> list[int]:
         w = 240
     w = max(w, 8 * len(title) + 60)
     if node_def.get("output_node") and any(input_type(s) == "IMAGE" for _, s, _ in socket_inputs(node_def)):
-        w, h = max(w, 320), max(h, 290)  # room for the image preview
+        w, h = max(w, 300), max(h, 300)  # room for the image preview
     return [w, h]
+
+
+def complete(api: dict, object_info: dict) -> dict:
+    """The API workflow with every widget input the node has and the workflow leaves out set to its
+    default (what the frontend would queue), in the node's input order; links and values it sets
+    are kept. A combo without a default (a file list) stays missing: it must be chosen."""
+    out = {}
+    for k, node in api.items():
+        node_def = object_info[node["class_type"]]
+        values = dict(node.get("inputs", {}))
+        for name, spec, _ in widget_inputs(node_def):
+            if name not in values and ("default" in input_options(spec) or input_type(spec) != "COMBO"):
+                values[name] = default_value(spec)
+        order = [n for n, _, _ in ordered_inputs(node_def)]
+        inputs = {n: values[n] for n in order if n in values}
+        inputs.update({n: v for n, v in values.items() if n not in inputs})  # unknown: convert() reports them
+        out[k] = {**node, "inputs": inputs}
+    return out
 
 
 def convert(api: dict, object_info: dict) -> dict:
@@ -271,7 +320,11 @@ def convert(api: dict, object_info: dict) -> dict:
         }
         if title and title != node_def.get("display_name", node["class_type"]):
             ui_node["title"] = title
-        ui_node["size"] = _node_size(node_def, len(entries), title or node_def.get("display_name") or "")
+        ui_node["size"] = _node_size(node_def, len(entries), title or node_def.get("display_name") or "",
+                                     node["class_type"])
+        wanted = (node.get("_meta") or {}).get("size")
+        if isinstance(wanted, list) and len(wanted) == 2:  # a chosen width; a height only to grow
+            ui_node["size"] = [int(wanted[0]), max(ui_node["size"][1], int(wanted[1]))]
         nodes[k] = ui_node
 
     for k in keys:
@@ -284,15 +337,15 @@ def convert(api: dict, object_info: dict) -> dict:
             for i, t in enumerate(node_def.get("output", []))
         ]
 
-    _layout(api, nodes, keys)
+    if all(isinstance((api[k].get("_meta") or {}).get("layout"), list) for k in keys):
+        _grid_layout(api, nodes, keys)
+    else:
+        _layout(api, nodes, keys)
 
     # Execution order: by column, then top to bottom (a topological order, as columns follow depth).
     for order, k in enumerate(sorted(keys, key=lambda k: (nodes[k]["pos"][0], nodes[k]["pos"][1], ids[k]))):
         nodes[k]["order"] = order
 
-    right = max(n["pos"][0] + n["size"][0] for n in nodes.values()) if nodes else 0
-    bottom = max(n["pos"][1] + n["size"][1] for n in nodes.values()) if nodes else 0
-    scale = round(max(0.4, min(1.0, 1800 / (right + 100), 950 / (bottom + 100))), 2)
     return {
         "last_node_id": max(ids.values(), default=0),
         "last_link_id": len(links),
@@ -300,9 +353,44 @@ def convert(api: dict, object_info: dict) -> dict:
         "links": links,
         "groups": [],
         "config": {},
-        "extra": {"ds": {"scale": scale, "offset": [0, 0]}},
+        "extra": {"ds": fit_view(nodes.values())},
         "version": 0.4,
     }
+
+
+def bounds(nodes) -> tuple[float, float, float, float]:
+    """Canvas rectangle (x0, y0, x1, y1) holding every node with its title bar."""
+    nodes = list(nodes)
+    return (min(n["pos"][0] for n in nodes), min(n["pos"][1] - TITLE_H for n in nodes),
+            max(n["pos"][0] + n["size"][0] for n in nodes), max(n["pos"][1] + n["size"][1] for n in nodes))
+
+
+def fit_view(nodes, box=VIEW_BOX) -> dict:
+    """The frontend's saved view ({"scale", "offset"}: screen = (canvas + offset) * scale) that shows
+    every node inside `box` (CSS pixels), at most at 100 %."""
+    nodes = list(nodes)
+    if not nodes:
+        return {"scale": 1, "offset": [0, 0]}
+    x0, y0, x1, y1 = bounds(nodes)
+    scale = min(1.0, (box[2] - box[0]) / (x1 - x0), (box[3] - box[1]) / (y1 - y0))
+    scale = int(scale * 100) / 100  # rounded down: never larger than what fits
+    return {"scale": scale, "offset": [round(box[0] / scale - x0, 1), round(box[1] / scale - y0, 1)]}
+
+
+def _grid_layout(api: dict, nodes: dict[str, dict], keys: list[str]) -> None:
+    """Positions from each node's `_meta.layout` = [column, row]: columns left to right (as wide as
+    their widest node), rows stacked top to bottom in each column."""
+    cells = {k: tuple(api[k]["_meta"]["layout"]) for k in keys}
+    columns: dict[int, list[str]] = {}
+    for k in sorted(keys, key=lambda k: cells[k]):
+        columns.setdefault(cells[k][0], []).append(k)
+    x = ORIGIN[0]
+    for c in sorted(columns):
+        y = ORIGIN[1]
+        for k in columns[c]:
+            nodes[k]["pos"] = [x, y]
+            y += nodes[k]["size"][1] + ROW_GAP + TITLE_H
+        x += max(nodes[k]["size"][0] for k in columns[c]) + COL_GAP
 
 
 def _layout(api: dict, nodes: dict[str, dict], keys: list[str]) -> None:
@@ -326,7 +414,7 @@ def _layout(api: dict, nodes: dict[str, dict], keys: list[str]) -> None:
             t = targets[k]
             top = y if t is None else max(y, int(t - nodes[k]["size"][1] / 2))
             nodes[k]["pos"] = [x, top]
-            y = top + nodes[k]["size"][1] + ROW_GAP
+            y = top + nodes[k]["size"][1] + ROW_GAP + TITLE_H
         x += max(nodes[k]["size"][0] for k in col) + COL_GAP
 
 
@@ -353,10 +441,16 @@ def ui_to_api(ui: dict, object_info: dict) -> dict:
         if isinstance(wv, dict):
             values.update(wv)
         else:
+            # Positional, as the frontend restores them: value i goes to widget i; widgets past the end
+            # keep their defaults (a host that appends a widget does not break a saved workflow), and
+            # values past the last widget would be dropped, which changes the workflow.
             layout = widget_layout(node_def)
-            if len(wv) != len(layout):
-                raise ValueError(f"node {node['id']} ({t}): {len(wv)} widgets_values, expected {len(layout)}")
+            if len(wv) > len(layout):
+                raise ValueError(f"node {node['id']} ({t}): {len(wv)} widgets_values, but its widgets are "
+                                 f"{[n for n, _, _ in layout]}")
             values.update({name: v for (name, kind, _), v in zip(layout, wv) if kind == "value"})
+            values.update({name: default_value(spec) for name, kind, spec in layout[len(wv):]
+                           if kind == "value" and name not in values})
         for entry in node.get("inputs") or []:
             link = entry.get("link")
             if link is None:
@@ -374,6 +468,159 @@ def ui_to_api(ui: dict, object_info: dict) -> dict:
             "_meta": {"title": node.get("title") or node_def.get("display_name") or t},
         }
     return api
+
+
+# --------------------------------------------------------------------------- checks
+
+def types_compatible(out_type, in_type) -> bool:
+    """Whether the frontend lets an output of ``out_type`` connect to an input of ``in_type``: equal
+    types, "*" on either side, or a shared member of comma-separated type lists ("IMAGE,MASK")."""
+    a = "COMBO" if isinstance(out_type, list) else str(out_type)
+    b = "COMBO" if isinstance(in_type, list) else str(in_type)
+    if "*" in (a, b):
+        return True
+    return bool({t.strip() for t in a.split(",")} & {t.strip() for t in b.split(",")})
+
+
+def value_problem(spec, value) -> str | None:
+    """Why ``value`` does not fit the widget input ``spec`` (None when it fits)."""
+    t, opts = input_type(spec), input_options(spec)
+    if t == "COMBO":
+        choices = combo_options(spec) or []
+        return None if value in choices else f"not among the options {choices[:20]}"
+    if t == "BOOLEAN":
+        return None if isinstance(value, bool) else "not a boolean"
+    if t == "STRING":
+        return None if isinstance(value, str) else "not a string"
+    if t in ("INT", "FLOAT"):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return f"not a number ({t})"
+        if t == "INT" and not (isinstance(value, int) or float(value).is_integer()):
+            return "not an integer"
+        lo, hi = opts.get("min"), opts.get("max")
+        if lo is not None and value < lo or hi is not None and value > hi:
+            return f"outside [{lo}, {hi}]"
+    return None
+
+
+def validate_ui(ui: dict, object_info: dict) -> list[str]:
+    """Problems that stop a UI-format workflow from loading and queueing as saved on the host whose
+    /object_info is given; empty when there are none. Checked: every node type exists (frontend-only
+    notes aside); every saved widget value fits its input (combo value among the options, numbers
+    within min/max, the right type) and none would be dropped; every link joins an existing output to
+    an existing input of a compatible type; every required input is linked or has a widget value.
+    What a newer host adds without breaking saved workflows (extra outputs, optional inputs, widgets
+    appended after the saved ones that have defaults) is not a problem."""
+    problems: list[str] = []
+    nodes = {n["id"]: n for n in ui.get("nodes", [])}
+    for n in ui.get("nodes", []):
+        t = n.get("type")
+        where = f"node {n.get('id')} ({t})"
+        if t in FRONTEND_ONLY:
+            continue
+        if t not in object_info:
+            problems.append(f"{where}: no such node type on this host")
+            continue
+        node_def = object_info[t]
+        specs = {name: (spec, opt) for name, spec, opt in ordered_inputs(node_def)}
+        linked = {(i.get("widget") or {}).get("name", i.get("name")) for i in n.get("inputs") or []
+                  if i.get("link") is not None}
+        for i in n.get("inputs") or []:
+            if i.get("link") is not None and i.get("name") not in specs:
+                problems.append(f"{where}: input {i.get('name')!r} is linked but the node has no such input")
+        # Socket inputs (no widget): required ones need a link.
+        for name, spec, opt in socket_inputs(node_def):
+            if not opt and name not in linked:
+                problems.append(f"{where}: required input {name!r} ({input_type(spec)}) is not connected")
+        # Widget values.
+        layout, wv = widget_layout(node_def), n.get("widgets_values") or []
+        if isinstance(wv, dict):
+            saved = {name: wv[name] for name, _, _ in widget_inputs(node_def) if name in wv}
+            extra = sorted(set(wv) - set(saved))
+            if extra:
+                problems.append(f"{where}: widgets_values for inputs it does not have: {extra}")
+        else:
+            if len(wv) > len(layout):
+                problems.append(f"{where}: {len(wv)} widgets_values but only {len(layout)} widgets "
+                                f"{[nm for nm, _, _ in layout]}; the extra values would be dropped")
+            saved = {}
+            for (name, kind, spec), v in zip(layout, wv):
+                if kind == "value":
+                    saved[name] = v
+                elif kind == "control" and v not in CONTROL_MODES:
+                    problems.append(f"{where}.{name}: control_after_generate {v!r} not among {CONTROL_MODES}")
+        for name, spec, opt in widget_inputs(node_def):
+            if name in linked:
+                continue  # the link's value is used
+            if name not in saved:
+                if not opt and "default" not in input_options(spec):
+                    problems.append(f"{where}: required widget {name!r} has no saved value and no default")
+                continue
+            why = value_problem(spec, saved[name])
+            if why:
+                problems.append(f"{where}.{name} = {saved[name]!r}: {why}")
+        # Saved outputs: existing slots keep a compatible type; slots the host dropped carry no link.
+        outs = node_def.get("output", [])
+        for slot, o in enumerate(n.get("outputs") or []):
+            if slot < len(outs):
+                if not types_compatible(o.get("type"), outs[slot]):
+                    problems.append(f"{where}: output {slot} saved as {o.get('type')}, the node gives {outs[slot]}")
+            elif o.get("links"):
+                problems.append(f"{where}: output {slot} is linked but the node has only {len(outs)} outputs")
+
+    for link in ui.get("links", []):
+        if isinstance(link, dict):
+            link = [link.get(k) for k in ("id", "origin_id", "origin_slot", "target_id", "target_slot", "type")]
+        link_id, src, src_slot, dst, dst_slot, ltype = link[:6]
+        where = f"link {link_id} ({src}:{src_slot} -> {dst}:{dst_slot})"
+        a, b = nodes.get(src), nodes.get(dst)
+        if a is None or b is None:
+            problems.append(f"{where}: joins a node that is not in the workflow")
+            continue
+        if a["type"] not in object_info or b["type"] not in object_info:
+            if a["type"] in FRONTEND_ONLY or b["type"] in FRONTEND_ONLY:
+                problems.append(f"{where}: links to a frontend-only node ({a['type']} -> {b['type']})")
+            continue  # unknown node types are reported above
+        outs = object_info[a["type"]].get("output", [])
+        if not 0 <= src_slot < len(outs):
+            problems.append(f"{where}: node {src} ({a['type']}) has no output {src_slot}")
+            continue
+        entries = b.get("inputs") or []
+        if not 0 <= dst_slot < len(entries):
+            problems.append(f"{where}: node {dst} ({b['type']}) has no input slot {dst_slot}")
+            continue
+        entry = entries[dst_slot]
+        if entry.get("link") != link_id:
+            problems.append(f"{where}: input slot {dst_slot} of node {dst} does not hold this link")
+        saved_outs = a.get("outputs") or []
+        if src_slot >= len(saved_outs) or link_id not in (saved_outs[src_slot].get("links") or []):
+            problems.append(f"{where}: output {src_slot} of node {src} does not list this link")
+        name = (entry.get("widget") or {}).get("name", entry.get("name"))
+        spec = {n_: s for n_, s, _ in ordered_inputs(object_info[b["type"]])}.get(name)
+        if spec is None:
+            continue  # reported with the node
+        if not types_compatible(outs[src_slot], input_type(spec)):
+            problems.append(f"{where}: output type {outs[src_slot]} does not fit input {name!r} "
+                            f"({input_type(spec)}) of node {dst} ({b['type']})")
+        elif ltype is not None and not types_compatible(ltype, outs[src_slot]):
+            problems.append(f"{where}: saved type {ltype} differs from the output's type {outs[src_slot]}")
+    return problems
+
+
+def api_meaning(api: dict, object_info: dict) -> dict:
+    """An API-format workflow reduced to what it means on a host: per node id, its class and every
+    input's value (a link [source id, slot] or a widget value; an optional widget input left out
+    takes its default, as the frontend would send it; a required one left out stays missing)."""
+    out = {}
+    for k, node in api.items():
+        node_def = object_info.get(node["class_type"], {})
+        inputs = dict(node.get("inputs", {}))
+        for name, spec, opt in widget_inputs(node_def) if node_def else []:
+            if opt and name not in inputs and "default" in input_options(spec):
+                inputs[name] = input_options(spec)["default"]
+        out[str(k)] = {"class_type": node["class_type"],
+                       "inputs": {n: ([str(v[0]), v[1]] if _is_link(v) else v) for n, v in inputs.items()}}
+    return out
 
 
 # --------------------------------------------------------------------------- CLI
@@ -411,15 +658,57 @@ def _fmt(o, ind: str) -> str:
     return json.dumps(o, ensure_ascii=False)
 
 
+EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "example_workflows")
+
+
+def dumps_api(api: dict) -> str:
+    return json.dumps(api, indent=1, ensure_ascii=False) + "\n"
+
+
+def regenerate(object_info: dict, folder: str = EXAMPLES) -> list[str]:
+    """Every API workflow in `folder`/api/: completed with the current defaults (written back), and
+    converted into its UI twin `folder`/<same name>.json. Returns the files written."""
+    written = []
+    api_dir = os.path.join(folder, "api")
+    for name in sorted(os.listdir(api_dir)):
+        if not name.endswith(".json"):
+            continue
+        path = os.path.join(api_dir, name)
+        with open(path, encoding="utf-8") as f:
+            api = complete(json.load(f), object_info)
+        ui = convert(api, object_info)  # raises before anything is written for a broken workflow
+        if ui["extra"]["ds"]["scale"] < MIN_SCALE:
+            x0, y0, x1, y1 = bounds(ui["nodes"])
+            raise ValueError(f"{name}: the layout ({x1 - x0:.0f} x {y1 - y0:.0f} canvas units) only fits the view at "
+                             f"{ui['extra']['ds']['scale']:.0%}, where the canvas draws nodes without text (below "
+                             f"{MIN_SCALE:.0%}): make it more compact")
+        for target, text in ((path, dumps_api(api)), (os.path.join(folder, name), dumps(ui))):
+            with open(target, "w", encoding="utf-8") as f:
+                f.write(text)
+            written.append(target)
+    return written
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="Convert an API-format ComfyUI workflow to the UI (litegraph) format.")
-    p.add_argument("api", help="API-format workflow JSON")
+    p.add_argument("api", nargs="?", help="API-format workflow JSON")
     p.add_argument("--object-info", required=True, help="ComfyUI server URL or a saved /object_info JSON file")
     p.add_argument("-o", "--output", help="output file (default: stdout)")
+    p.add_argument("--complete", action="store_true", help="fill in every widget input the API workflow leaves "
+                   "out with its default, and print (or -o) the API workflow instead of converting it")
+    p.add_argument("--all", action="store_true", help=f"regenerate the examples: complete every "
+                   f"example_workflows/api/*.json in place and write its UI twin example_workflows/<name>.json")
     args = p.parse_args(argv)
+    info = load_object_info(args.object_info)
+    if args.all:
+        for path in regenerate(info):
+            print(f"wrote {os.path.relpath(path)}")
+        return 0
+    if not args.api:
+        p.error("give an API workflow, or --all")
     with open(args.api, encoding="utf-8") as f:
         api = json.load(f)
-    text = dumps(convert(api, load_object_info(args.object_info)))
+    text = dumps_api(complete(api, info)) if args.complete else dumps(convert(api, info))
     if args.output:
         with open(args.output, "w", encoding="utf-8") as f:
             f.write(text)

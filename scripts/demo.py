@@ -6,8 +6,9 @@ shots; then base / fine-tune / DomainStudio samples of "a sks emoji") and domain
 then re-scores the same samples with EfficientNet-Lite0 features (demo_output/metrics_lite0.json).
 This is bench/domain_quality.py --demo + bench/rescore.py; the full benchmark runs more methods and seeds.
 
-`--workflow` instead runs example_workflows/domainstudio_api.json in a real ComfyUI server on the
-tiny random test model (proves the in-graph pipeline; its samples are noise).
+`--workflow` instead runs an example workflow (example_workflows/api/<--example>.json, or all of
+them) in a real ComfyUI server on the tiny random test model, with only sizes and step counts made
+small (proves the in-graph pipeline; its samples are noise); --steps counts each training stage.
 Needs COMFYUI_DIR (scripts/demo.sh sets it).
 """
 
@@ -25,18 +26,27 @@ sys.path.insert(0, os.path.join(REPO, "tests"))
 sys.path.append(REPO)
 
 
+def _package():
+    """The pack's one package name (comfyui_domainstudio), registered by the repository's __init__.py."""
+    import runpy
+
+    runpy.run_path(os.path.join(REPO, "__init__.py"))
+
+
 def build_checkpoint(comfy_dir: str, cache: str) -> str:
     """The tiny checkpoint, built by a child process that imports ComfyUI on the CPU."""
     import subprocess
 
-    import tiny_models
+    _package()
+    from comfyui_domainstudio.testing import tiny_models
 
     path = os.path.join(cache, f"tiny-v{tiny_models.TINY_VERSION}-demo", "checkpoints", "tiny_sd15.safetensors")
     if not os.path.exists(path):
         code = (
-            f"import sys; sys.path.insert(0, {comfy_dir!r}); sys.path.insert(0, {os.path.join(REPO, 'tests')!r});"
+            f"import sys, runpy; sys.path.insert(0, {comfy_dir!r}); runpy.run_path({os.path.join(REPO, '__init__.py')!r});"
             "import comfy.cli_args; comfy.cli_args.args.cpu = True;"
-            f"import tiny_models; tiny_models.build_sd15_checkpoint({path!r})"
+            "from comfyui_domainstudio.testing import tiny_models;"
+            f"tiny_models.build_sd15_checkpoint({path!r})"
         )
         subprocess.run([sys.executable, "-c", code], check=True)
     return path
@@ -44,14 +54,18 @@ def build_checkpoint(comfy_dir: str, cache: str) -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=None, help="training steps (default 300; --workflow: 60)")
+    ap.add_argument("--steps", type=int, default=None, help="training steps (default 300; --workflow: 30 per stage)")
     ap.add_argument("--out", default=os.path.join(REPO, "demo_output"))
-    ap.add_argument("--workflow", action="store_true", help="run the example workflow in a ComfyUI server instead")
+    ap.add_argument("--workflow", action="store_true", help="run an example workflow in a ComfyUI server instead")
+    ap.add_argument("--example", default="domainstudio_text",
+                    help="--workflow: the example_workflows/ name to run (domainstudio_text, domainstudio_unconditional, "
+                    "personalize_rare_token, personalize_textual_inversion, personalize_dreambooth, load_weights) "
+                    "or 'all' (default: domainstudio_text)")
     args = ap.parse_args()
     if not os.environ.get("COMFYUI_DIR"):
         sys.exit("COMFYUI_DIR is not set: run `bash scripts/demo.sh`")
     if args.workflow:
-        args.steps = args.steps or 60
+        args.steps = args.steps or 30
         return run_workflow(args)
     import importlib.util
 
@@ -73,53 +87,74 @@ def main() -> int:
 
 
 def run_workflow(args) -> int:
+    """Run example workflow(s) from example_workflows/api/ in a real ComfyUI server on the tiny
+    model, with only the values testing/examples.py `tiny_changes` lists made small; copy what they
+    made (samples of the trained and the base model, previews, weight files) into --out."""
     comfy_dir = os.environ.get("COMFYUI_DIR")
     if not comfy_dir:
         sys.exit("COMFYUI_DIR is not set: run `bash scripts/demo.sh`")
     cache = os.environ.get("DS_CACHE") or os.path.expanduser("~/.cache/comfyui-domainstudio")
+    _package()
+    from comfyui_domainstudio.testing import examples as ex
+    from comfyui_domainstudio.testing.comfy_server import ComfyServer
 
-    from comfy_server import ComfyServer
-    from trainer.demo_data import write_domain
-
+    if args.example != "all" and args.example not in ex.EXAMPLES:
+        sys.exit(f"--example {args.example!r}: choose one of {', '.join(ex.EXAMPLES)} or 'all'")
+    names = list(ex.EXAMPLES) if args.example == "all" else [args.example]
+    if "load_weights" in names and "personalize_rare_token" not in names:
+        names.insert(names.index("load_weights"), "personalize_rare_token")  # it loads what that one writes
     ckpt = build_checkpoint(comfy_dir, cache)
     if os.path.exists(args.out):
         shutil.rmtree(args.out)
     base = os.path.join(args.out, "comfy_base")
     os.makedirs(base)
-    write_domain(os.path.join(base, "input", "domainstudio_demo"), n=8, resolution=64)
-    with open(os.path.join(REPO, "example_workflows", "domainstudio_api.json")) as f:
-        wf = json.load(f)
-    wf["3"]["inputs"]["steps"] = args.steps
-
     srv = ComfyServer(comfy_dir, base, REPO, {"checkpoints": os.path.dirname(ckpt)})
     t0 = time.time()
     srv.start()
-    print(f"ComfyUI up on {srv.url} in {time.time() - t0:.1f} s; training {args.steps} steps ...")
+    print(f"ComfyUI up on {srv.url} in {time.time() - t0:.1f} s")
+    written: dict[str, list[str]] = {"loras": [], "embeddings": []}
     try:
-        t1 = time.time()
+        for name in names:
+            example = ex.EXAMPLES[name]
+            ex.write_inputs(os.path.join(base, "input"), example, n=8 if example.kind == "domain" else 4)
+            wf = ex.api(name)
+            wf = ex.apply_api(wf, ex.tiny_changes(wf, steps=args.steps, preview_every=max(1, args.steps // 3)))
+            if example.kind == "load":
+                if not (written["loras"] and written["embeddings"]):
+                    print(f"{name}: skipped, the rare-token example wrote no files", file=sys.stderr)
+                    return 1
+                delta = next(f for f in written["loras"] if f.startswith("subject_"))
+                embedding = next(f for f in written["embeddings"] if f.startswith("ds_subject"))
+                wf = ex.apply_api(wf, {"14": {"file": f"loras/{delta}"}, "15": {"file": f"embeddings/{embedding}"}})
+                word = os.path.splitext(embedding)[0]
+                wf["4"]["inputs"]["text"] = wf["4"]["inputs"]["text"].replace("embedding:ds_subject", f"embedding:{word}")
+            before = {k: ex.model_files(srv, k) for k in written}
+            print(f"{name}: training {args.steps} steps per stage ..." if example.trainer else f"{name}: loading ...")
+            t1 = time.time()
 
-        def show(msg):
-            d = msg.get("data", {})
-            if msg["type"] == "progress" and d.get("node") == "3" and (d["value"] % 10 == 0 or d["value"] == d["max"]):
-                print(f"  step {d['value']}/{d['max']}  ({time.time() - t1:.1f} s)")
+            def show(msg, node=example.trainer):
+                d = msg.get("data") or {}
+                if msg["type"] == ex.EVENT and str(d.get("node")) == node and d.get("status") == "running" \
+                        and (d["step"] % 10 == 0 or d["step"] == d["total"]):
+                    print(f"  {d.get('stage', '')} step {d['step']}/{d['total']}  ({time.time() - t1:.1f} s)")
 
-        prompt_id, msgs = srv.run(wf, timeout=3600, on_message=show)
-        errors = [m for m in msgs if m["type"] == "execution_error"]
-        if errors:
-            print(errors[0]["data"].get("traceback"), file=sys.stderr)
-            print(errors[0]["data"].get("exception_message"), file=sys.stderr)
-            return 1
-        outputs = srv.outputs(prompt_id)
-        for node, name in (("9", "adapted"), ("12", "base"), ("13", "loss")):
-            for i, im in enumerate(outputs[node]["images"]):
-                shutil.copy(srv.output_file(im), os.path.join(args.out, f"{name}_{i}.png"))
-        loras = os.path.join(base, "models", "loras")
-        for f in os.listdir(loras):
-            shutil.copy(os.path.join(loras, f), os.path.join(args.out, f))
-        lines = [l for l in srv.log().splitlines() if "DomainStudio" in l]
-        print("\n".join(lines[-4:]))
-        print(f"done in {time.time() - t1:.1f} s; results in {args.out}: "
-              + ", ".join(sorted(f for f in os.listdir(args.out) if f != "comfy_base")))
+            r = ex.run(srv, wf, timeout=3600, on_message=show)
+            if r.errors():
+                print(r.error_text(), file=sys.stderr)
+                return 1
+            out_dir = os.path.join(args.out, name)
+            os.makedirs(out_dir)
+            for node, label in ((example.adapted, "trained" if example.trainer else "loaded"), (example.base, "base")):
+                for i, im in enumerate(srv.outputs(r.prompt_id)[node]["images"]):
+                    shutil.copy(srv.output_file(im), os.path.join(out_dir, f"{label}_{i}.png"))
+            for i, frame in enumerate(f for f in r.previews if f["event"] == 1):
+                with open(os.path.join(out_dir, f"preview_{i}.{'png' if frame['format'] == 2 else 'jpg'}"), "wb") as f:
+                    f.write(frame["data"])
+            for kind in written:
+                for f in sorted(ex.model_files(srv, kind) - before[kind]):
+                    written[kind].append(f)
+                    shutil.copy(os.path.join(base, "models", kind, f), os.path.join(out_dir, f))
+            print(f"{name}: done in {time.time() - t1:.1f} s -> {out_dir}: {', '.join(sorted(os.listdir(out_dir)))}")
     finally:
         srv.stop()
     return 0

@@ -1,76 +1,27 @@
-"""Test harness. Two levels, both against a real ComfyUI tree (COMFYUI_DIR, set by .ci/run):
+"""Test fixtures. Two levels, both against a real ComfyUI tree (COMFYUI_DIR, set by .ci/setup.sh):
 
 * in-process: the `comfy` fixture imports ComfyUI on the CPU and loads this pack exactly as
   ComfyUI's own loader does (nodes.load_custom_node), so the node classes tested are the ones
   ComfyUI registered;
-* end-to-end: tests/test_e2e_server.py starts `main.py --cpu` and talks HTTP/websocket to it.
+* end-to-end: the `server` fixture starts `main.py --cpu` and talks HTTP/websocket to it.
 
 Pure-torch tests of trainer/ need neither and run without COMFYUI_DIR.
+
+The pack is imported only as its one package, `comfyui_domainstudio` (../__init__.py registers it);
+neither the repo root nor tests/ is put on sys.path here, and shared scaffolding lives in the
+package's testing/ folder (`comfyui_domainstudio.testing`), never in a test module.
 """
 
 from __future__ import annotations
 
-import asyncio
 import os
-import sys
+import runpy
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TESTS = os.path.dirname(os.path.abspath(__file__))
-if TESTS not in sys.path:
-    sys.path.insert(0, TESTS)
-if REPO not in sys.path:
-    sys.path.append(REPO)  # for `import trainer`; appended so ComfyUI's `nodes` wins over ours
+runpy.run_path(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "__init__.py"))
 
-
-def comfy_dir() -> str:
-    d = os.environ.get("COMFYUI_DIR", "")
-    if not d or not os.path.isfile(os.path.join(d, "main.py")):
-        pytest.fail(
-            "COMFYUI_DIR is not set to a ComfyUI tree (a folder with main.py). Run the tests through "
-            "`bash .ci/run`, or `eval \"$(bash .ci/setup.sh | tail -2)\"` first.",
-            pytrace=False,
-        )
-    return d
-
-
-def cache_dir() -> str:
-    d = os.environ.get("DS_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "comfyui-domainstudio")
-    os.makedirs(d, exist_ok=True)
-    return d
-
-
-class Comfy:
-    """Handle on an in-process ComfyUI: its modules plus our registered node classes."""
-
-    def __init__(self, root: str):
-        self.root = root
-        if root not in sys.path:
-            sys.path.insert(0, root)
-        import comfy.cli_args
-
-        comfy.cli_args.args.cpu = True  # must precede comfy.model_management (it probes CUDA)
-        import comfy.model_management  # noqa: F401
-        import folder_paths
-        import nodes
-
-        self.folder_paths = folder_paths
-        self.nodes = nodes
-        ok = asyncio.run(nodes.load_custom_node(REPO))
-        assert ok, "ComfyUI failed to import this pack (see the log above)"
-        self.pack_name = REPO.replace(".", "_x_")
-        self.pack_module = sys.modules[self.pack_name]
-
-    def pack(self, dotted: str):
-        """A module of this pack as ComfyUI imported it (the instance the nodes use)."""
-        import importlib
-
-        return importlib.import_module(f"{self.pack_name}.{dotted}")
-
-    def node(self, node_id: str):
-        return self.nodes.NODE_CLASS_MAPPINGS[node_id]
-
+from comfyui_domainstudio.testing.harness import REPO, TESTS, Comfy, comfy_dir, tiny_model_paths  # noqa: E402
 
 _COMFY: Comfy | None = None
 
@@ -83,33 +34,10 @@ def comfy() -> Comfy:
     return _COMFY
 
 
-def _tiny_dir(comfy: Comfy) -> str:
-    import comfyui_version
-    from tiny_models import TINY_VERSION
-
-    d = os.path.join(cache_dir(), f"tiny-v{TINY_VERSION}-comfy{comfyui_version.__version__}")
-    os.makedirs(d, exist_ok=True)
-    return d
-
-
 @pytest.fixture(scope="session")
 def tiny_models(comfy) -> dict:
     """Paths of the tiny checkpoints (built once, cached across runs) registered with ComfyUI."""
-    import tiny_models as tm
-
-    d = _tiny_dir(comfy)
-    paths = {
-        "sd15": os.path.join(d, "checkpoints", "tiny_sd15.safetensors"),
-        "sdxl_unet": os.path.join(d, "diffusion_models", "tiny_sdxl_unet.safetensors"),
-    }
-    if not os.path.exists(paths["sd15"]):
-        tm.build_sd15_checkpoint(paths["sd15"])
-    if not os.path.exists(paths["sdxl_unet"]):
-        tm.build_sdxl_unet(paths["sdxl_unet"])
-    comfy.folder_paths.add_model_folder_path("checkpoints", os.path.dirname(paths["sd15"]))
-    comfy.folder_paths.add_model_folder_path("diffusion_models", os.path.dirname(paths["sdxl_unet"]))
-    paths["dir"] = d
-    return paths
+    return tiny_model_paths(comfy)
 
 
 @pytest.fixture(scope="session")
@@ -122,18 +50,47 @@ def sd15(comfy, tiny_models):
 @pytest.fixture(scope="session")
 def sdxl(comfy, tiny_models):
     """(MODEL, CLIP, VAE) of the tiny SDXL-family UNet (stock UNETLoader) + tiny CLIP + SD1.5's VAE."""
-    import tiny_models as tm
+    from comfyui_domainstudio.testing import tiny_models as tm
 
     (model,) = comfy.nodes.UNETLoader().load_unet(os.path.basename(tiny_models["sdxl_unet"]), "default")
     _, _, vae = comfy.nodes.CheckpointLoaderSimple().load_checkpoint(os.path.basename(tiny_models["sd15"]))[:3]
     return model, tm.tiny_sdxl_clip(), vae
 
 
+@pytest.fixture()
+def unload_models(comfy):
+    """Unload every model after the test: ComfyUI writes a loaded clone's patches into the shared
+    weights and restores them only on unload, so a patched clone left loaded would change what the
+    next test (in any file) sees as the base model's weights."""
+    yield
+    from comfy import model_management
+
+    model_management.unload_all_models()
+
+
+@pytest.fixture()
+def loras_dir(comfy, tmp_path):
+    """A fresh first models/loras folder (our nodes save to the first one)."""
+    from comfyui_domainstudio.testing.comfy_helpers import model_folder
+
+    with model_folder(comfy, "loras", str(tmp_path / "loras")) as d:
+        yield d
+
+
+@pytest.fixture()
+def embeddings_dir(comfy, tmp_path):
+    """A fresh first models/embeddings folder."""
+    from comfyui_domainstudio.testing.comfy_helpers import model_folder
+
+    with model_folder(comfy, "embeddings", str(tmp_path / "embeddings")) as d:
+        yield d
+
+
 @pytest.fixture(scope="session")
 def server(tmp_path_factory, tiny_models):
     """A real ComfyUI server (main.py --cpu) on a free loopback port with this pack added through
     --extra-model-paths-config; stopped by its PID at the end, also when tests fail."""
-    from comfy_server import ComfyServer
+    from comfyui_domainstudio.testing.comfy_server import ComfyServer
 
     base = str(tmp_path_factory.mktemp("comfy_base"))
     srv = ComfyServer(comfy_dir(), base, REPO, {
@@ -145,3 +102,14 @@ def server(tmp_path_factory, tiny_models):
         yield srv
     finally:
         srv.stop()
+
+
+@pytest.fixture()
+def one_thread():
+    """Pure-torch tests on tiny tensors: extra intra-op threads only add contention on 2 cores."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -12,7 +12,7 @@ import subprocess
 import numpy as np
 import pytest
 
-from conftest import REPO
+from comfyui_domainstudio.testing.harness import REPO
 
 
 _spec = importlib.util.spec_from_file_location("bench_rescore", os.path.join(REPO, "bench", "rescore.py"))

@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from conftest import REPO
+from comfyui_domainstudio.testing.harness import REPO
 
 spec = importlib.util.spec_from_file_location("domain_quality", os.path.join(REPO, "bench", "domain_quality.py"))
 dq = importlib.util.module_from_spec(spec)

@@ -1,182 +1,198 @@
-"""DomainStudio inside a real in-process ComfyUI on tiny SD1.5 / SDXL models (CPU)."""
+"""DomainStudio inside a real in-process ComfyUI on tiny SD1.5 / SDXL models (CPU): the DomainStudio
+Train node as ComfyUI runs it, and the core's run() over ComfyHost (trainer/hosts/comfy.py)."""
 
 import os
 
 import pytest
 import torch
 
-pytestmark = pytest.mark.comfy
+from comfyui_domainstudio.testing.comfy_helpers import (RES, interrupt_guard, ksample, progress_hook, read_file,
+                                                         stripes, train_domainstudio, unet_state)
 
-RES = 64
-
-
-def _images(n=6, res=RES, seed=0):
-    """A tiny 'domain': diagonal stripes of varying phase and colour, IMAGE [n, res, res, 3]."""
-    g = torch.Generator().manual_seed(seed)
-    yy, xx = torch.meshgrid(torch.arange(res), torch.arange(res), indexing="ij")
-    out = []
-    for i in range(n):
-        phase = torch.rand(1, generator=g) * 6.28
-        stripes = 0.5 + 0.5 * torch.sin((xx + yy) / 4.0 + phase)
-        colour = torch.rand(3, generator=g) * 0.6 + 0.2
-        out.append(stripes[..., None] * colour)
-    return torch.stack(out).float()
+pytestmark = [pytest.mark.comfy, pytest.mark.usefixtures("unload_models")]
 
 
-def _ksample(comfy, model, clip, seed=7, steps=3, prompt="a house"):
-    pos = comfy.nodes.CLIPTextEncode().encode(clip, prompt)[0]
-    neg = comfy.nodes.CLIPTextEncode().encode(clip, "")[0]
-    latent = comfy.nodes.EmptyLatentImage().generate(RES, RES, 1)[0]
-    with torch.inference_mode():
-        out = comfy.nodes.KSampler().sample(model, seed, steps, 5.0, "euler", "normal", pos, neg, latent)[0]
-    return out["samples"].clone()
-
-
-def _train(comfy, model, clip, vae, **kw):
-    node = comfy.node("DomainStudio_Train")
-    args = dict(target_prompt="", source_prompt="", steps=4, learning_rate=1e-3, batch_size=3, resolution=RES,
-                lambda_img=100.0, lambda_hf=100.0, lambda_hfmse=0.1, train_mode="lora_attn", lora_rank=4,
-                lora_alpha=4.0, feature_space="latent", prior_images=0, lambda_prior=1.0, train_seed=0,
-                precision="fp32", save_name="", images=_images())
-    args.update(kw)
-    with torch.inference_mode():  # as ComfyUI's executor runs nodes
-        return node.execute(model=model, clip=clip, vae=vae, **args).result
-
-
-@pytest.fixture()
-def loras_dir(comfy, tmp_path):
-    """A fresh first models/loras folder (our node saves to the first one)."""
-    d = tmp_path / "loras"
-    d.mkdir()
-    comfy.folder_paths.add_model_folder_path("loras", str(d), is_default=True)
-    yield str(d)
-    comfy.folder_paths.folder_names_and_paths["loras"][0].remove(str(d))
-
-
-def _unet_state(model):
-    return {k: v.detach().clone() for k, v in model.model.diffusion_model.state_dict().items()}
+def _core(comfy):
+    """(ComfyHost class, the run module) of the pack."""
+    return comfy.pack("trainer.hosts.comfy").ComfyHost, comfy.pack("trainer.run")
 
 
 def test_train_saves_lora_that_stock_loader_reproduces_exactly(comfy, sd15, loras_dir):
     model, clip, vae = sd15
-    before = _unet_state(model)
-    base_sample = _ksample(comfy, model, clip)
+    before = unet_state(model)
+    base_sample = ksample(comfy, model, clip)
 
-    trained, delta, plot, saved = _train(comfy, model, clip, vae, save_name="ds_test", target_prompt="a sks house",
-                                         source_prompt="a house")
-    after = _unet_state(model)  # training itself never writes the shared weights
+    out = train_domainstudio(comfy, model, clip, vae, save_name="ds_test", target_prompt="a sks house",
+                             source_prompt="a house")
+    trained, delta, plot, saved = out["model"], out["delta"], out["loss_plot"], out["saved_path"]
+    after = unet_state(model)  # training itself never writes the shared weights
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert os.path.dirname(saved) == loras_dir and saved.endswith(".safetensors")
-    assert plot.shape[0] == 1 and plot.shape[-1] == 3
+    assert plot.ndim == 4 and plot.shape[0] == 1 and plot.shape[-1] == 3
 
-    ours = _ksample(comfy, trained, clip)
+    ours = ksample(comfy, trained, clip)
     assert not torch.equal(ours, base_sample), "the trained MODEL should sample differently"
     # Stock LoraLoader + the saved file gives bit-identical samples.
-    from safetensors import safe_open
-
-    with safe_open(saved, "pt") as f:
-        meta = f.metadata()
-        keys = set(f.keys())
-    assert keys == set(delta) and meta["domainstudio.method"] == "domainstudio"
+    meta, tensors = read_file(saved)
+    assert set(tensors) == set(delta) and meta["domainstudio.method"] == "domainstudio"
+    assert all(torch.equal(tensors[k], delta[k]) for k in delta), "the delta output holds the file's values"
     assert meta["modelspec.architecture"] == "stable-diffusion-v1/lora"
     stock, _ = comfy.nodes.LoraLoader().load_lora(model, clip, os.path.basename(saved), 1.0, 0.0)
-    assert torch.equal(_ksample(comfy, stock, clip), ours)
+    assert torch.equal(ksample(comfy, stock, clip), ours)
     # The input MODEL is untouched: same samples, and (once ComfyUI has loaded it again, which
     # restores the weights that patched clones modify in place) the same weights.
-    assert torch.equal(_ksample(comfy, model, clip), base_sample)
-    after = _unet_state(model)
+    assert torch.equal(ksample(comfy, model, clip), base_sample)
+    after = unet_state(model)
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
 def test_gradients_reach_exactly_the_trained_parameters(comfy, sd15):
-    host = comfy.pack("trainer.hosts.comfy")
-    DomainStudioConfig = comfy.pack("trainer.domainstudio").DomainStudioConfig
+    ComfyHost, core = _core(comfy)
+    chost = comfy.pack("trainer.hosts.comfy")
     model, clip, vae = sd15
-
-    out = host.train_domainstudio_comfy(model, clip, vae, _images(), DomainStudioConfig(steps=2, batch_size=3,
-                                        learning_rate=1e-3), train_mode="lora_attn", rank=4, alpha=4.0)
-    params = out.attached.parameters()
-    assert params and all(p.grad is not None and torch.isfinite(p.grad).all() for p in params)
+    cfg = core.resolve_config("domainstudio", dict(steps=2, batch_size=3, learning_rate=1e-3))
+    opts = core.RunOptions(train_mode="lora_attn", lora_rank=4, lora_alpha=4.0, precision="fp32")
+    with torch.inference_mode():  # run() leaves it itself, as inside a node
+        out = core.run(ComfyHost(model, clip, vae), "domainstudio", cfg, stripes(), opts)
+    params = out.adapter.parameters()
+    names = chost.trainable_module_names(model.model.diffusion_model, "lora_attn")
+    assert names and all(n.split(".")[-1] in ("to_q", "to_k", "to_v") or n.endswith("to_out.0") for n in names)
+    assert set(out.adapter.modules) == set(names)
+    assert len(params) == 2 * len(names)  # LoRA up and down of every selected layer, nothing else
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in params)
     assert all(p.grad.abs().sum() > 0 for p in params)
-    names = host.trainable_module_names(model.model.diffusion_model, "lora_attn")
-    assert set(out.attached.modules) == set(names)
-    assert all(n.split(".")[-1] in ("to_q", "to_k", "to_v") or n.endswith("to_out.0") for n in names)
     for p in model.model.diffusion_model.parameters():
         assert not p.requires_grad and p.grad is None
+    assert all(p.grad is None for p in clip.cond_stage_model.parameters())
+    assert out.delta and all(v.dtype == torch.float32 for v in out.delta.values())  # the exact delta
 
 
 def test_fixed_seed_gives_identical_delta(comfy, sd15):
     model, clip, vae = sd15
-    _, d1, _, _ = _train(comfy, model, clip, vae, steps=3, train_seed=5)
-    _, d2, _, _ = _train(comfy, model, clip, vae, steps=3, train_seed=5)
-    _, d3, _, _ = _train(comfy, model, clip, vae, steps=3, train_seed=6)
+    d1 = train_domainstudio(comfy, model, clip, vae, steps=3, train_seed=5)["delta"]
+    d2 = train_domainstudio(comfy, model, clip, vae, steps=3, train_seed=5)["delta"]
+    d3 = train_domainstudio(comfy, model, clip, vae, steps=3, train_seed=6)["delta"]
     assert d1.keys() == d2.keys()
     assert all(torch.equal(d1[k], d2[k]) for k in d1)
     assert any(not torch.equal(d1[k], d3[k]) for k in d1)
 
 
-def test_twenty_steps_lower_the_denoising_loss(comfy, sd15):
-    host = comfy.pack("trainer.hosts.comfy")
+def _fixed_draw_loss(comfy, model, clip, vae, images, draws=6):
+    """The model's own denoising loss on the training images over fixed (noise, sigma) draws,
+    computed through ComfyHost inside ComfyUI's sampling set-up (patches of `model` applied)."""
+    ComfyHost, _ = _core(comfy)
+    SessionNeeds = comfy.pack("trainer.host").SessionNeeds
+    host = ComfyHost(model, clip, vae)
+    with torch.inference_mode(False), torch.no_grad():
+        x0 = host.encode_images(images)
+        cond = host.encode_prompt("")
 
+        def fn():
+            g = torch.Generator().manual_seed(123)
+            total = 0.0
+            with torch.no_grad():
+                for _ in range(draws):
+                    sigma = host.sample_sigmas(x0.shape[0], g)
+                    noise = torch.randn(x0.shape, generator=g)
+                    pred = host.predict_x0(host.add_noise(x0, noise, sigma), sigma, cond)
+                    total += float(host.denoising_loss(pred, x0, sigma))
+            return total / draws
+
+        return host.session(fn, SessionNeeds(batch_shape=tuple(x0.shape)))
+
+
+def test_twenty_steps_lower_the_denoising_loss(comfy, sd15):
     model, clip, vae = sd15
-    images = _images(4)
-    before = host.denoising_loss_on_set(model, clip, vae, images, draws=6)
-    trained, *_ = _train(comfy, model, clip, vae, images=images, steps=20, batch_size=4, learning_rate=3e-3,
-                         train_mode="lora_all", lora_rank=8, lora_alpha=8.0)
-    after = host.denoising_loss_on_set(trained, clip, vae, images, draws=6)
+    images = stripes(4)
+    before = _fixed_draw_loss(comfy, model, clip, vae, images)
+    trained = train_domainstudio(comfy, model, clip, vae, images=images, steps=20, batch_size=4, learning_rate=3e-3,
+                                 train_mode="lora_all", lora_rank=8, lora_alpha=8.0)["model"]
+    after = _fixed_draw_loss(comfy, trained, clip, vae, images)
     print(f"denoising loss on the training set: {before:.4f} -> {after:.4f}")
     assert after < before * 0.9
+    assert _fixed_draw_loss(comfy, model, clip, vae, images) == before, "the input MODEL is still the source"
 
 
 def test_full_delta_mode_and_pixel_features(comfy, sd15, loras_dir):
     model, clip, vae = sd15
-    trained, delta, _, saved = _train(comfy, model, clip, vae, steps=2, train_mode="full_attn",
-                                      feature_space="pixel", learning_rate=1e-4, save_name="ds_full")
-    assert delta and all(k.endswith(".diff") for k in delta)
-    stock, _ = comfy.nodes.LoraLoader().load_lora(model, clip, os.path.basename(saved), 1.0, 0.0)
-    assert torch.equal(_ksample(comfy, stock, clip), _ksample(comfy, trained, clip))
+    out = train_domainstudio(comfy, model, clip, vae, steps=2, train_mode="full_attn", feature_space="pixel",
+                             learning_rate=1e-4, save_name="ds_full")
+    assert out["delta"] and all(k.endswith(".diff") for k in out["delta"])
+    stock, _ = comfy.nodes.LoraLoader().load_lora(model, clip, os.path.basename(out["saved_path"]), 1.0, 0.0)
+    assert torch.equal(ksample(comfy, stock, clip), ksample(comfy, out["model"], clip))
 
 
 def test_prior_preservation_generates_and_caches_class_images(comfy, sd15):
-    host = comfy.pack("trainer.hosts.comfy")
-
+    core = comfy.pack("trainer.run")
     model, clip, vae = sd15
-    host._PRIOR_CACHE.clear()
-    _train(comfy, model, clip, vae, steps=2, prior_images=3, target_prompt="a sks house", source_prompt="a house")
-    assert len(host._PRIOR_CACHE) == 1
-    (lat,) = host._PRIOR_CACHE.values()
+    core._CLASS_CACHE.clear()
+    seen = []
+    with progress_hook(lambda v, t, p, node_id=None: seen.append((v, t))):
+        out = train_domainstudio(comfy, model, clip, vae, steps=2, prior_images=3, target_prompt="a sks house",
+                                 source_prompt="a house")
+    assert [v for v, _ in seen] == [1, 2, 3, 4, 5] and all(t == 5 for _, t in seen)  # 3 class images + 2 steps
+    assert len(core._CLASS_CACHE) == 1
+    (lat,) = core._CLASS_CACHE.values()
     assert lat.shape == (3, 4, RES // 8, RES // 8) and torch.isfinite(lat).all()
-    _train(comfy, model, clip, vae, steps=2, prior_images=3, target_prompt="a sks house", source_prompt="a house",
-           learning_rate=5e-4)
-    assert len(host._PRIOR_CACHE) == 1  # reused, not regenerated
+    assert out["delta"]
+    train_domainstudio(comfy, model, clip, vae, steps=2, prior_images=3, target_prompt="a sks house",
+                       source_prompt="a house", learning_rate=5e-4)
+    assert len(core._CLASS_CACHE) == 1 and next(iter(core._CLASS_CACHE.values())) is lat  # reused
 
 
 def test_v_prediction_model_uses_host_parameterisation(comfy, sd15):
-    from comfy import model_sampling
+    from comfy import model_management, model_sampling
     from comfy_extras.nodes_model_advanced import ModelSamplingDiscrete
 
+    ComfyHost, _ = _core(comfy)
+    losses = comfy.pack("trainer.losses")
+    SessionNeeds = comfy.pack("trainer.host").SessionNeeds
     model, clip, vae = sd15
     (vmodel,) = ModelSamplingDiscrete().patch(model, "v_prediction", False)
-    trained, delta, _, _ = _train(comfy, vmodel, clip, vae, steps=2)
-    assert isinstance(trained.get_model_object("model_sampling"), model_sampling.V_PREDICTION)
-    assert all(torch.isfinite(v).all() for v in delta.values())
+    # The host's x0 and loss follow the model's own parameterisation (ComfyUI's model_sampling).
+    host = ComfyHost(vmodel, clip, vae)
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(2, 4, 8, 8, generator=g)
+    noise = torch.randn(2, 4, 8, 8, generator=g)
+    with torch.inference_mode(False), torch.no_grad():
+        cond = host.encode_prompt("a house")
+
+        def fn():
+            with torch.no_grad():
+                sigma = torch.tensor([0.5, 3.0])
+                xt = host.add_noise(x0, noise, sigma)
+                pred = host.predict_x0(xt, sigma, cond)
+                ms = vmodel.get_model_object("model_sampling")
+                inner = vmodel.model
+                out = inner.diffusion_model(ms.calculate_input(sigma, xt), ms.timestep(sigma),
+                                            context=cond.context.expand(2, -1, -1)).float()
+                ref = ms.calculate_denoised(sigma, out, xt)
+                loss = host.denoising_loss(pred, x0, sigma)
+                sd = float(getattr(ms, "sigma_data", 1.0))
+                return pred, ref, loss, [losses.denoising_loss_x0(pred, x0, sigma, k, sd) for k in ("v", "eps")]
+
+        pred, ref, loss, (as_v, as_eps) = host.session(fn, SessionNeeds(batch_shape=(2, 4, 8, 8)))
+    model_management.unload_all_models()
+    assert torch.allclose(pred, ref, atol=1e-5, rtol=1e-5), (pred - ref).abs().max()
+    assert torch.equal(loss, as_v) and not torch.allclose(as_v, as_eps)
+    # And the node trains it and returns a MODEL with the same sampling.
+    out = train_domainstudio(comfy, vmodel, clip, vae, steps=2)
+    assert isinstance(out["model"].get_model_object("model_sampling"), model_sampling.V_PREDICTION)
+    assert all(torch.isfinite(v).all() for v in out["delta"].values())
 
 
 def test_sdxl_family_model_trains_and_samples(comfy, sdxl):
     model, clip, vae = sdxl
-    base = _ksample(comfy, model, clip, steps=2)
-    trained, delta, _, _ = _train(comfy, model, clip, vae, steps=2, target_prompt="a sks house",
-                                  source_prompt="a house", learning_rate=1e-3)
-    assert any("input_blocks" in k for k in delta)
-    assert not torch.equal(_ksample(comfy, trained, clip, steps=2), base)
+    base = ksample(comfy, model, clip, steps=2)
+    out = train_domainstudio(comfy, model, clip, vae, steps=2, target_prompt="a sks house", source_prompt="a house",
+                             learning_rate=1e-3)
+    assert any("input_blocks" in k for k in out["delta"])
+    assert not torch.equal(ksample(comfy, out["model"], clip, steps=2), base)
 
 
-def test_cancel_stops_within_one_step_and_leaves_model_untouched(comfy, sd15):
-    import comfy.model_management as mm
-    from comfy import utils as comfy_utils
-
+def test_cancel_stops_within_one_step_and_leaves_model_untouched(comfy, sd15, loras_dir):
     model, clip, vae = sd15
-    base_sample = _ksample(comfy, model, clip)
+    base_sample = ksample(comfy, model, clip)
     seen = []
 
     def hook(value, total, preview, node_id=None):
@@ -184,58 +200,88 @@ def test_cancel_stops_within_one_step_and_leaves_model_untouched(comfy, sd15):
         if value == 3:
             mm.interrupt_current_processing(True)  # what POST /interrupt does
 
-    comfy_utils.set_progress_bar_global_hook(hook)
-    try:
+    with interrupt_guard() as mm, progress_hook(hook):
         with pytest.raises(mm.InterruptProcessingException):
-            _train(comfy, model, clip, vae, steps=50)
-    finally:
-        comfy_utils.set_progress_bar_global_hook(None)
-        mm.interrupt_current_processing(False)
-    assert seen == [1, 2, 3], seen  # the 4th step's progress update raised: one step after the request
-    assert torch.equal(_ksample(comfy, model, clip), base_sample)
+            train_domainstudio(comfy, model, clip, vae, steps=50, save_name="cancelled")
+    # ComfyUI's layers check for Cancel on every forward: the 4th step stopped at once, and the
+    # last completed step is kept (its "kept" message is one more update of step 3).
+    assert sorted(set(seen)) == [1, 2, 3], seen
+    assert sorted(os.listdir(loras_dir)) == ["cancelled_partial_3.dsstate", "cancelled_partial_3.safetensors"]
+    assert torch.equal(ksample(comfy, model, clip), base_sample)
 
 
-@pytest.mark.parametrize(
-    "kw, match",
-    [
-        (dict(images=_images(1)), "at least 2"),
+def test_cancel_with_the_servers_hook_and_throttled_progress(comfy, sd15, loras_dir):
+    """As in a server: the progress hook checks for Cancel (main.py's hook; it clears the request as
+    it raises) and newer releases throttle ProgressBar updates (at most one per 0.1 s and 0.5 % of
+    the run reaches the hook). Cancel still stops the very next step, because ComfyUI's layers check
+    for it on every forward, and the last completed step is kept."""
+    from comfy import utils as comfy_utils
+
+    model, clip, vae = sd15
+    seen = []
+
+    def server_hook(value, total, preview, node_id=None):
+        mm.throw_exception_if_processing_interrupted()
+        seen.append(value)
+        if len(seen) == 1:
+            mm.interrupt_current_processing(True)
+
+    with interrupt_guard() as mm, progress_hook(server_hook, every_update=False):
+        if hasattr(comfy_utils, "PROGRESS_THROTTLE_MIN_INTERVAL"):
+            comfy_utils.PROGRESS_THROTTLE_MIN_INTERVAL = 1e9  # steps faster than the throttle
+        with pytest.raises(mm.InterruptProcessingException):
+            train_domainstudio(comfy, model, clip, vae, steps=8, save_name="throttled")
+        assert not mm.processing_interrupted(), "the request was consumed by the raise"
+    assert set(seen) == {1}, seen
+    assert sorted(os.listdir(loras_dir)) == ["throttled_partial_1.dsstate", "throttled_partial_1.safetensors"]
+
+
+def test_bad_settings_are_refused_before_training(comfy, sd15):
+    model, clip, vae = sd15
+    seen = []
+    cases = [
+        (dict(images=stripes(1)), "at least 2"),
         (dict(batch_size=8), "batch_size"),
         (dict(batch_size=2), "identically zero"),
         (dict(learning_rate=float("nan")), "learning_rate"),
         (dict(lambda_img=-1.0), "lambda_img"),
         (dict(lambda_hfmse=float("inf")), "lambda_hfmse"),
-    ],
-)
-def test_bad_input_gives_specific_error(comfy, sd15, kw, match):
-    model, clip, vae = sd15
-    with pytest.raises(ValueError, match=match):
-        _train(comfy, model, clip, vae, **kw)
+        (dict(lora_rank=0), "lora_rank"),
+    ]
+    with progress_hook(lambda v, t, p, node_id=None: seen.append(v)):
+        for kw, match in cases:
+            with pytest.raises(ValueError, match=match) as e:
+                train_domainstudio(comfy, model, clip, vae, **kw)
+            assert str(e.value).startswith("DomainStudio Train"), e.value
+    assert seen == [], "nothing trained"
 
 
 def test_both_image_inputs_or_none_is_an_error(comfy, sd15):
     model, clip, vae = sd15
     with pytest.raises(ValueError, match="no training images"):
-        _train(comfy, model, clip, vae, images=None)
+        train_domainstudio(comfy, model, clip, vae, images=None)
+    image_set = comfy.node("DomainStudio_FewShotImageSet").execute(resolution=RES, flip=False,
+                                                                   images=stripes(3)).result[0]
+    with pytest.raises(ValueError, match="either image_set or images"):
+        train_domainstudio(comfy, model, clip, vae, image_set=image_set)
 
 
-def test_progress_every_step_with_loss_curve_preview(comfy, sd15):
-    from comfy import utils as comfy_utils
+def test_progress_every_step_with_previews(comfy, sd15):
     from PIL import Image
 
     model, clip, vae = sd15
     seen = []
-    comfy_utils.set_progress_bar_global_hook(lambda value, total, preview, node_id=None: seen.append((value, total, preview)))
-    try:
-        _train(comfy, model, clip, vae, steps=25)
-    finally:
-        comfy_utils.set_progress_bar_global_hook(None)
-    assert [v for v, _, _ in seen] == list(range(1, 26)) and all(t == 25 for _, t, _ in seen)
-    previews = [p for _, _, p in seen if p is not None]
-    assert len(previews) == 1 and previews[0][0] == "JPEG" and isinstance(previews[0][1], Image.Image)
+    with progress_hook(lambda value, total, preview, node_id=None: seen.append((value, total, preview))):
+        out = train_domainstudio(comfy, model, clip, vae, steps=12, preview_every=5)
+    assert [v for v, _, p in seen if p is None] == list(range(1, 13)) and all(t == 12 for _, t, _ in seen)
+    previews = [(v, p) for v, _, p in seen if p is not None]
+    assert [v for v, _ in previews] == [5, 10]  # sampled from the weights of steps 5 and 10
+    assert all(p[0] == "JPEG" and isinstance(p[1], Image.Image) for _, p in previews)
+    assert out.ui is not None  # the final preview is the node's UI image
 
 
 def test_bf16_precision_trains_finite(comfy, sd15):
     model, clip, vae = sd15
-    _, delta, _, _ = _train(comfy, model, clip, vae, steps=2, precision="bf16")
+    delta = train_domainstudio(comfy, model, clip, vae, steps=2, precision="bf16")["delta"]
     assert delta and all(torch.isfinite(v).all() for v in delta.values())
     assert any(v.abs().sum() > 0 for k, v in delta.items() if k.endswith("lora_down.weight"))

@@ -1,18 +1,31 @@
 """Tests for trainer/imageset.py (pure torch/PIL, no ComfyUI)."""
 
 import os
+import shutil
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from trainer.imageset import (
+from comfyui_domainstudio.trainer.imageset import (
+    MAX_CAPTION_CHARS,
+    REDUCING_GAP,
+    ROOTS_ENV,
     SUPPORTED_EXTENSIONS,
+    FolderRefused,
     ImageSet,
     ImageSetError,
+    decode_image,
+    image_roots,
     load_folder,
     prepare_image_set,
+    refusal_message,
+    resize_and_center_crop,
+    resolve_image_folder,
 )
 
 
@@ -306,3 +319,316 @@ def test_bad_channel_count():
 
 def test_supported_extensions_constant():
     assert SUPPORTED_EXTENSIONS == (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+
+
+# ---------------------------------------------------------------- folder confinement (roots)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture
+def tree(tmp_path):
+    """input/ (the root) with a set, a file and links; outside/ with real images; extra/ (a 2nd root)."""
+    inp, outside, extra = tmp_path / "input", tmp_path / "outside", tmp_path / "extra"
+    for d in (inp / "set", outside, extra / "more"):
+        d.mkdir(parents=True)
+    save(inp / "set" / "a.png", rgb(64, 64, (255, 0, 0)))
+    save(inp / "set" / "b.png", rgb(64, 64, (0, 255, 0)))
+    save(inp / "file.png", rgb(8, 8, (0, 0, 0)))
+    save(outside / "o.png", rgb(64, 64, (0, 0, 255)))
+    (outside / "o.txt").write_text("secret")
+    save(extra / "more" / "e.png", rgb(64, 64, (9, 9, 9)))
+    os.symlink(outside, inp / "escape")
+    os.symlink(extra / "more", inp / "to_extra")
+    return {"input": str(inp), "outside": str(outside), "extra": str(extra), "tmp": str(tmp_path)}
+
+
+def test_resolve_relative_and_absolute_inside_roots(tree):
+    roots = [tree["input"], tree["extra"]]
+    real_set = os.path.realpath(os.path.join(tree["input"], "set"))
+    assert resolve_image_folder("set", roots) == real_set
+    assert resolve_image_folder(os.path.join(tree["input"], "set"), roots) == real_set
+    assert resolve_image_folder("set/../set", roots) == real_set  # `..` that stays inside is fine
+    assert resolve_image_folder(".", roots) == os.path.realpath(tree["input"])
+    # Quotes and stray spaces from a pasted path go before anything else looks at the string.
+    for pasted in ('"set"', "'set'", '  " set "  ', f'"{tree["input"]}/set"'):
+        assert resolve_image_folder(pasted, roots) == real_set, pasted
+    more = os.path.join(tree["extra"], "more")
+    assert resolve_image_folder(more, roots) == os.path.realpath(more)
+    assert resolve_image_folder("to_extra", roots) == os.path.realpath(more)  # link to another root
+
+
+@pytest.mark.parametrize("folder", [
+    "{outside}", "/usr/share", "/", "/etc/shadow", "/etc", "/root/.ssh", "..", "../outside",
+    "set/../../outside", "../" * 30 + "{outside_rel}", "{input}/..", "~", "~root", "~/.ssh", "~root/.ssh",
+    "escape", "escape/o.png", "file.png", "nope", "{input}/nope", "'{outside}'", ' "{outside}" ',
+    "set\x00x", "x" * 5000, "{extra}/../outside",
+])
+def test_resolve_refuses_everything_else_with_one_message(tree, folder):
+    folder = folder.format(outside=tree["outside"], outside_rel=tree["outside"].lstrip("/"),
+                           input=tree["input"], extra=tree["extra"])
+    with pytest.raises(FolderRefused) as e:
+        resolve_image_folder(folder, [tree["input"], tree["extra"]])
+    msg = str(e.value)
+    cleaned = folder.strip().strip('"').strip("'").strip()
+    assert msg == refusal_message(cleaned)
+    generic = refusal_message("X")
+    assert msg.replace(msg[len("folder '"):msg.index("' is not")], "X") == generic
+    # Nothing the user did not type: no resolved path, no reason.
+    rest = msg.replace(cleaned[:200], "")
+    for secret in (tree["tmp"], "/usr", "/etc", "/root", "exist", "a file", "not a directory"):
+        assert secret not in rest, (secret, msg)
+
+
+def test_refusal_message_names_input_and_fix():
+    msg = refusal_message("my style")
+    assert msg.startswith("folder 'my style' is not a folder of images inside ComfyUI's input directory")
+    assert "subfolder of ComfyUI's input folder" in msg and ROOTS_ENV in msg
+    assert "\n" not in refusal_message("a\nb") and "a\\nb" in refusal_message("a\nb")
+    assert len(refusal_message("y" * 10000)) < 600
+
+
+def test_confined_listing_skips_files_linking_out_and_names_files_relatively(tree):
+    inp = tree["input"]
+    os.symlink(os.path.join(tree["outside"], "o.png"), os.path.join(inp, "set", "c.png"))
+    os.symlink(os.path.join(tree["outside"], "o.txt"), os.path.join(inp, "set", "a.txt"))
+    s = prepare_image_set(None, "set", 64, False, min_images=1, roots=[inp])
+    assert s.names == ["a.png", "b.png"]
+    assert s.captions == [None, None]  # a.txt links out: not read
+    assert any("skipped 'c.png'" in w for w in s.warnings)
+    assert any("ignored caption file 'a.txt'" in w for w in s.warnings)
+    assert not any(tree["tmp"] in w for w in s.warnings)
+    # Unconfined (command line) the same links are followed.
+    s = prepare_image_set(None, os.path.join(inp, "set"), 64, False, min_images=1)
+    assert s.names == ["a.png", "b.png", "c.png"] and s.captions[0] == "secret"
+
+    with open(os.path.join(inp, "set", "broken.png"), "wb") as f:
+        f.write(b"junk" * 10)
+    with pytest.raises(ImageSetError) as e:
+        prepare_image_set(None, "set", 64, False, roots=[inp])
+    assert "'broken.png'" in str(e.value) and "folder 'set'" in str(e.value)
+    assert tree["tmp"] not in str(e.value)
+    os.makedirs(os.path.join(inp, "empty"))
+    with pytest.raises(ImageSetError, match="folder 'empty' contains no supported images") as e:
+        prepare_image_set(None, "empty", 64, False, roots=[inp])
+    assert tree["tmp"] not in str(e.value)
+
+
+def test_os_error_text_does_not_name_server_paths(tree, monkeypatch):
+    import trainer.imageset as m
+
+    real_open = Image.open
+    secret = os.path.join(tree["input"], "set", "a.png")
+
+    def failing_open(path, *a, **k):
+        if str(path).endswith("a.png"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *a, **k)
+
+    monkeypatch.setattr(m.Image, "open", failing_open)
+    with pytest.raises(ImageSetError) as e:
+        prepare_image_set(None, "set", 64, False, roots=[tree["input"]])
+    assert "'a.png': PermissionError: Permission denied" in str(e.value)
+    assert secret not in str(e.value) and tree["tmp"] not in str(e.value)
+
+
+def test_unconfined_keeps_tilde_and_helpful_messages(tree, monkeypatch):
+    monkeypatch.setenv("HOME", tree["input"])
+    assert resolve_image_folder("~/set") == os.path.join(tree["input"], "set")
+    with pytest.raises(ImageSetError, match="does not exist"):
+        resolve_image_folder(os.path.join(tree["tmp"], "nope"))
+    with pytest.raises(ImageSetError, match="not a directory"):
+        resolve_image_folder(os.path.join(tree["input"], "file.png"))
+    # ... and with roots the same strings are refused generically, without expansion.
+    with pytest.raises(FolderRefused):
+        resolve_image_folder("~/set", [tree["input"]])
+
+
+def test_image_roots_from_environment(tree):
+    env = {ROOTS_ENV: os.pathsep.join([tree["extra"], "relative/ignored", "", "  "])}
+    assert image_roots(tree["input"], env) == [tree["input"], tree["extra"]]
+    assert image_roots(tree["input"], {}) == [tree["input"]]
+
+
+# ---------------------------------------------------------------- captions
+
+
+def _captioned_folder(tmp_path):
+    for n in ("a", "b", "c"):
+        save(tmp_path / f"{n}.png", rgb(64, 64, (1, 2, 3)))
+    (tmp_path / "a.txt").write_bytes("\ufeff  a photo of\n a  house \n\n".encode("utf-8"))  # BOM, lines
+    (tmp_path / "C.TXT").write_text("upper-case caption file", encoding="utf-8")
+    (tmp_path / "notes.txt").write_text("belongs to no image")
+    return str(tmp_path)
+
+
+def test_folder_captions_from_txt_files(tmp_path):
+    s = prepare_image_set(None, _captioned_folder(tmp_path), 64, True, min_images=1)
+    assert s.names[:3] == ["a.png", "b.png", "c.png"]
+    assert s.captions == ["a photo of a house", None, "upper-case caption file"] * 2  # flips share
+    assert len(s.captions) == len(s.images) == len(s.names)
+    assert "captions for 4 of 6" in s.describe()
+
+
+def test_caption_lines_fill_input_images_then_uncaptioned_folder_images(tmp_path):
+    folder = _captioned_folder(tmp_path)
+    batch = torch.rand(2, 64, 64, 3)
+    s = prepare_image_set(batch, folder, 64, False, captions="cap in0\n\n  cap  for b \n\n\n")
+    assert s.names == ["input[0]", "input[1]", "a.png", "b.png", "c.png"]
+    assert s.captions == ["cap in0", None, "a photo of a house", "cap for b", "upper-case caption file"]
+    assert s.warnings == []
+    s = prepare_image_set(batch, folder, 64, False, captions=["x"])
+    assert s.captions[:2] == ["x", None] and s.captions[3] is None
+    assert any("captions has 1 lines for 3 images" in w for w in s.warnings)
+    with pytest.raises(ImageSetError) as e:
+        prepare_image_set(batch, folder, 64, False, captions="1\n2\n3\n4")
+    assert "captions has 4 lines but only 3 images take a caption" in str(e.value)
+    assert "2 from the images input, 1 folder images without a .txt" in str(e.value)
+    s = prepare_image_set(batch, None, 64, False, captions="")
+    assert s.captions == [None, None] and "no captions" in s.describe()
+
+
+def test_caption_limits_and_encoding_name_the_file(tmp_path):
+    save(tmp_path / "a.png", rgb(64, 64, (1, 2, 3)))
+    (tmp_path / "a.txt").write_text("w" * MAX_CAPTION_CHARS, encoding="utf-8")
+    assert prepare_image_set(None, str(tmp_path), 64, False, min_images=1).captions == ["w" * MAX_CAPTION_CHARS]
+    (tmp_path / "a.txt").write_text("é" * (MAX_CAPTION_CHARS + 1), encoding="utf-8")
+    with pytest.raises(ImageSetError, match=f"caption file 'a.txt' .*at most {MAX_CAPTION_CHARS}"):
+        prepare_image_set(None, str(tmp_path), 64, False, min_images=1)
+    (tmp_path / "a.txt").write_bytes(b"x" * 10_000_000)  # read only as far as needed
+    with pytest.raises(ImageSetError, match="caption file 'a.txt' in folder .* is longer than"):
+        prepare_image_set(None, str(tmp_path), 64, False, min_images=1)
+    (tmp_path / "a.txt").write_bytes("caf\xe9".encode("latin-1"))
+    with pytest.raises(ImageSetError, match="caption file 'a.txt' .*not UTF-8"):
+        prepare_image_set(None, str(tmp_path), 64, False, min_images=1)
+    with pytest.raises(ImageSetError, match="captions: line 2 is 2001 characters"):
+        prepare_image_set(torch.rand(2, 64, 64, 3), None, 64, False, captions="ok\n" + "z" * 2001)
+
+
+def test_image_set_captions_field_is_compatible():
+    s = ImageSet(torch.zeros(2, 64, 64, 3), ["a", "b"], 64, False, [])
+    assert s.captions == [None, None] and "no captions" in s.describe()
+    with pytest.raises(ValueError):
+        ImageSet(torch.zeros(2, 64, 64, 3), ["a", "b"], 64, False, [], captions=["x"])
+
+
+# ---------------------------------------------------------------- decoding big images near the target size
+
+
+def _photo(h, w, seed=0):
+    """Smooth colour fields plus fine detail, like a photo (JPEG-friendly, not noise)."""
+    y = np.linspace(0, 1, h, dtype=np.float32)[:, None]
+    x = np.linspace(0, 1, w, dtype=np.float32)[None, :]
+    a = np.stack([np.sin(x * 31 + y * 7 + seed) * 0.5 + 0.5, np.broadcast_to(y, (h, w)),
+                  np.cos(x * y * 50) * 0.5 + 0.5], -1)
+    a = (a * 255).astype(np.uint8)
+    a[::9, ::6] = 255
+    return a
+
+
+def _psnr(a, b):
+    return float(10 * torch.log10(1.0 / ((a - b) ** 2).mean().clamp_min(1e-12)))
+
+
+@pytest.mark.parametrize("fmt, mode", [("jpg", "RGB"), ("png", "RGB"), ("png", "P+trns"), ("png", "I;16"),
+                                       ("jpg", "CMYK"), ("webp", "RGBA")])
+def test_reduced_decode_matches_full_decode(tmp_path, fmt, mode):
+    h, w, res = 1200, 1600, 128
+    a = _photo(h, w)
+    img = Image.fromarray(a)
+    kw = {"quality": 92} if fmt in ("jpg", "webp") else {}
+    if mode == "P+trns":
+        img = img.quantize(64)
+        kw["transparency"] = 3
+    elif mode == "I;16":
+        img = Image.fromarray(a[..., 0].astype(np.uint16) * 257)
+    elif mode == "CMYK":
+        img = img.convert("CMYK")
+    elif mode == "RGBA":
+        img = img.convert("RGBA")
+        img.putalpha(Image.fromarray(a[..., 1]))
+    path = str(tmp_path / f"x.{fmt}")
+    img.save(path, **kw)
+    small = decode_image(path, res)
+    full = decode_image(path)
+    assert full.shape[:2] == (h, w)
+    assert res * REDUCING_GAP <= min(small.shape[:2]) < 2 * res * REDUCING_GAP, small.shape
+    assert small.shape[1] > small.shape[0]  # aspect kept
+    got, want = resize_and_center_crop(small, res), resize_and_center_crop(full, res)
+    assert got.shape == want.shape == (res, res, 3)
+    assert _psnr(got, want) > 40, _psnr(got, want)
+
+
+def test_reduced_decode_applies_exif_orientation(tmp_path):
+    a = np.zeros((1000, 1500, 3), np.uint8)  # stored landscape, left part red
+    a[:, :500] = (255, 0, 0)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° CW to display
+    Image.fromarray(a).save(tmp_path / "r.jpg", exif=exif, quality=95)
+    Image.fromarray(a).save(tmp_path / "r.png", exif=exif)
+    for name in ("r.jpg", "r.png"):
+        t = decode_image(str(tmp_path / name), 64)
+        assert t.shape[0] > t.shape[1]  # displayed portrait
+        assert t[5, t.shape[1] // 2, 0] > 0.8 and t[-5, t.shape[1] // 2, 0] < 0.2  # red on top
+    s = prepare_image_set(None, str(tmp_path), 64, False, min_images=1)
+    assert s.warnings == [] and s.images.shape == (2, 64, 64, 3)
+    for img in s.images:  # the crop keeps the middle of the upright image: red at its top only
+        assert img[2, 32, 0] > 0.95 and img[2, 32, 1] < 0.05 and img[-3, 32, 0] < 0.05
+
+
+def test_small_images_are_not_reduced(tmp_path):
+    save(tmp_path / "s.png", _photo(200, 300))
+    assert decode_image(str(tmp_path / "s.png"), 128).shape == (200, 300, 3)  # < 2x target: as is
+
+
+_PEAK_SCRIPT = textwrap.dedent("""
+    import os, runpy, sys, tempfile
+    import numpy as np
+    from PIL import Image
+    runpy.run_path(os.path.join(os.environ["DS_REPO"], "__init__.py"))
+    from comfyui_domainstudio.trainer.imageset import prepare_image_set
+
+    def status(key):
+        for line in open("/proc/self/status"):
+            if line.startswith(key):
+                return int(line.split()[1]) * 1024
+
+    warm = tempfile.mkdtemp()
+    Image.fromarray(np.zeros((300, 400, 3), np.uint8)).save(os.path.join(warm, "w.png"))
+    prepare_image_set(None, warm, 64, False, min_images=1)  # libraries and allocator warmed up
+    for folder in sys.argv[1:]:
+        with open("/proc/self/clear_refs", "w") as f:  # reset the peak (VmHWM) to the current RSS
+            f.write("5")
+        before = status("VmRSS:")
+        s = prepare_image_set(None, folder, 256, False, min_images=1)
+        assert s.images.shape == (len(os.listdir(folder)), 256, 256, 3)
+        print(os.path.basename(folder), (status("VmHWM:") - before) / 2**20, flush=True)
+""")
+
+
+def test_peak_memory_of_a_24_megapixel_photo_is_bounded(tmp_path):
+    """A 6000x4000 photo at resolution 256: decoding it whole in float32 (the old way) raised the
+    process's peak resident memory by ~730 MiB here (six of them: several GiB); decoded near the target size it must stay far
+    below. Measured in a fresh process with the kernel's peak-RSS counter (Linux /proc), not timed."""
+    if not os.path.exists("/proc/self/clear_refs"):
+        pytest.fail("this test needs Linux's /proc/self/clear_refs to reset the peak RSS counter")
+    a = _photo(4000, 6000)
+    (tmp_path / "jpg").mkdir()
+    (tmp_path / "png").mkdir()
+    Image.fromarray(a).save(tmp_path / "jpg" / "big.jpg", quality=90)
+    Image.fromarray(a).save(tmp_path / "png" / "big.png", compress_level=1)
+    del a
+    (tmp_path / "jpg6").mkdir()  # six photos: only one is decoded at a time
+    for i in range(6):
+        shutil.copy(tmp_path / "jpg" / "big.jpg", tmp_path / "jpg6" / f"big{i}.jpg")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_REPO": REPO}
+    out = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, *(str(tmp_path / d) for d in ("jpg", "png", "jpg6"))],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    peaks = {line.split()[0]: float(line.split()[1]) for line in out.stdout.split("\n") if line.strip()}
+    # JPEG: DCT-scaled decode (1500x1000): ~40 MiB measured. PNG: the decoder must produce the
+    # full 6000x4000 image once (96 MiB in Pillow), reduced before any float copy: ~105 MiB measured.
+    # Six photos cost what one does: each is decoded, resized and dropped before the next.
+    assert peaks["jpg"] < 120, peaks
+    assert peaks["png"] < 200, peaks
+    assert peaks["jpg6"] < 120, peaks

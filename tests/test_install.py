@@ -253,8 +253,33 @@ def test_js_syntax(tmp_path):
     assert p.returncode == 0, p.stderr
 
 
+# A minimal DOM (what the extension's widget uses: elements with style, dataset, attributes, children
+# and textContent) so the extension's event handling and rendering run under Node. The real frontend
+# (both renderers) is covered by tests/test_browser_ui.py in a browser.
+FAKE_DOM = r"""
+class Node_ {
+  constructor(tag) {
+    this.tagName = tag; this.style = { cssText: "" }; this.dataset = {}; this.attrs = {};
+    this.children = []; this.ownText = ""; this.className = "";
+  }
+  get textContent() { return this.ownText + this.children.map((c) => c.textContent).join(""); }
+  set textContent(v) { this.ownText = String(v); this.children = []; }
+  append(...cs) { for (const c of cs) this.children.push(typeof c === "string" ? new Text_(c) : c); }
+  appendChild(c) { this.children.push(c); return c; }
+  replaceChildren(...cs) { this.children = []; this.append(...cs); }
+  setAttribute(k, v) { this.attrs[k] = String(v); }
+  getAttribute(k) { return k in this.attrs ? this.attrs[k] : null; }
+  all(tag) { return this.children.flatMap((c) => (c.tagName === tag ? [c] : []).concat(c.all ? c.all(tag) : [])); }
+}
+class Text_ { constructor(t) { this.textContent = String(t); } }
+globalThis.document = {
+  createElement: (t) => new Node_(t), createElementNS: (ns, t) => new Node_(t), createTextNode: (t) => new Text_(t),
+};
+"""
+
 DRIVER = r"""
 import assert from "node:assert/strict";
+import "./fake_dom.js";
 import { app } from "./scripts/app.js";
 import { api } from "./scripts/api.js";
 await import("./extensions/ds/domainstudio.js");
@@ -264,57 +289,112 @@ const ext = app.exts[0];
 assert.equal(ext.name, "DomainStudio.Progress");
 ext.setup();
 
-function Train() {}
-await ext.beforeRegisterNodeDef(Train, { name: "DomainStudio_Train" });
-const foreign = function () { return "orig"; };
-function KSampler() {}
-KSampler.prototype.onDrawForeground = foreign;
-await ext.beforeRegisterNodeDef(KSampler, { name: "KSampler" });
-assert.equal(KSampler.prototype.onDrawForeground, foreign, "foreign nodes must not be touched");
-await ext.beforeRegisterNodeDef(undefined, undefined);  // defensive
-
-const n = new Train(); n.id = 7; n.comfyClass = "DomainStudio_Train"; n.size = [300, 120];
-const k = new KSampler(); k.id = 8; k.comfyClass = "KSampler";
-app.graph.nodes.set(7, n); app.graph.nodes.set(8, k);
-
-const texts = [];
-const ctx = { save() {}, restore() {}, fillText(t) { texts.push(String(t)); } };
-const draw = () => { texts.length = 0; n.onDrawForeground(ctx); return texts.join("|"); };
-const send = (type, detail) => api.dispatchEvent(new CustomEvent(type, { detail }));
-
-assert.equal(draw(), "");
-send("progress", { value: 3, max: 10, node: "7", prompt_id: "p1" });
-let s = draw();
-assert.match(s, /3 \/ 10/); assert.match(s, /ETA/); assert.match(s, /\d:\d\d/);
-send("progress", { value: 5, max: 10, node: "8", prompt_id: "p1" });  // not ours: ignored
-assert.match(draw(), /3 \/ 10/);
-send("executed", { node: "7", prompt_id: "p1" });
-assert.equal(draw(), "");
-
-send("executing", { node: "7" });
-send("progress", { value: 1, max: 4, prompt_id: "p2" });  // no node field: uses executing node
-assert.match(draw(), /1 \/ 4/);
-send("execution_interrupted", { node_id: "7", prompt_id: "p2" });
-assert.match(draw(), /cancelled/);
-
-send("progress", { value: 2, max: 4, node: "7", prompt_id: "p3" });
-send("execution_error", { node_id: "7" });
-assert.equal(draw(), "");
-
-for (const t of ["progress", "executed", "execution_error", "execution_interrupted", "executing"]) {
-  send(t, undefined); send(t, null); send(t, {});
+function makeNode(id, comfyClass) {
+  return {
+    id, comfyClass, graph: app.graph, size: [200, 80], widgets: [],
+    addDOMWidget(name, type, el, opts) { const w = { name, type, el, opts }; this.widgets.push(w); return w; },
+    computeSize() { return [240, 230]; }, setSize(s) { this.size = s; },
+  };
 }
-n.onDrawForeground(undefined);
-n.flags = { collapsed: true };
-send("progress", { value: 1, max: 2, node: 7 });
-assert.equal(draw(), "", "nothing drawn on a collapsed node");
+const train = makeNode(7, "DomainStudio_Train");
+const ksampler = makeNode(8, "KSampler");
+app.graph.nodes.set(7, train); app.graph.nodes.set(8, ksampler);
+ext.nodeCreated(train); ext.nodeCreated(ksampler); ext.nodeCreated(undefined);  // defensive
+assert.equal(ksampler.widgets.length, 0, "foreign nodes get no widget");
+assert.equal(train.widgets.length, 1);
+const w = train.widgets[0];
+assert.equal(w.serialize, false, "the display is not an input: never in the prompt or widgets_values");
+assert.equal(w.opts.getMinHeight() >= 100, true);
+assert.deepEqual(train.size, [240, 230], "an old, smaller node grows to fit the chart");
+ext.nodeCreated(train);
+assert.equal(train.widgets.length, 1, "one widget per node");
+
+const el = w.el;
+const text = () => el.children[0].textContent;
+const legend = () => el.children[2].children.map((c) => c.textContent);
+const lines = () => el.all("polyline");
+const send = (type, detail) => api.dispatchEvent(new CustomEvent(type, { detail }));
+const event = (d) => send("domainstudio.progress", d);
+
+assert.equal(el.dataset.dsStatus, "idle"); assert.equal(text(), "not trained yet");
+send("execution_start", { prompt_id: "p1" });
+send("executing", { node: "7", prompt_id: "p1" });
+assert.equal(el.dataset.dsStatus, "starting"); assert.match(text(), /starting/);
+
+const loss = { steps: [1, 2, 3], terms: { total: [1.0, 0.5, 0.2], "100×img": [0.01, 0.02, 0.03] } };
+event({ node: "7", prompt_id: "p1", status: "running", stage: "train", step: 3, total: 10, elapsed: 1.5,
+        s_per_step: 0.5, eta: 3.5, text: "train · step 3/10 · 0.50 s/step · ETA 0:04", loss, message: "" });
+assert.equal(el.dataset.dsStatus, "running");
+assert.equal(el.dataset.dsStep, "3"); assert.equal(el.dataset.dsTotal, "10"); assert.equal(el.dataset.dsPrompt, "p1");
+assert.equal(el.dataset.dsPoints, "3");
+assert.equal(el.dataset.dsLog, "1", "terms two decades apart: log scale");
+assert.match(text(), /step 3\/10/); assert.match(text(), /ETA 0:04/);
+assert.deepEqual(legend(), ["total 0.2", "100×img 0.03"]);
+const pl = lines();
+assert.equal(pl.length, 2);
+const total = pl.find((p) => p.dataset.term === "total");
+assert.equal(total.getAttribute("stroke-dasharray"), "5 3", "the total is dashed over the terms");
+assert.equal(total.getAttribute("points").split(" ").length, 3);
+
+// A later event without history keeps the chart; events of other nodes and stock progress of a
+// node that sends its own events change nothing.
+event({ node: "7", prompt_id: "p1", status: "running", stage: "train", step: 4, total: 10 });
+assert.equal(el.dataset.dsStep, "4"); assert.equal(el.dataset.dsPoints, "3");
+event({ node: "8", prompt_id: "p1", status: "running", step: 9, total: 9, loss: { steps: [1], terms: { x: [1] } } });
+assert.equal(el.dataset.dsStep, "4");
+send("progress", { value: 9, max: 10, node: "7", prompt_id: "p1" });
+assert.equal(el.dataset.dsStep, "4");
+
+// Cancel: the run ends as cancelled, and no ETA stays on a finished run.
+send("execution_interrupted", { prompt_id: "p1", node_id: "7" });
+assert.equal(el.dataset.dsStatus, "cancelled"); assert.match(text(), /^cancelled/); assert.doesNotMatch(text(), /ETA/);
+
+// A new run clears the old chart at once; stock progress stands in until our first event.
+send("execution_start", { prompt_id: "p2" });
+send("executing", { node: "7", prompt_id: "p2" });
+assert.equal(el.dataset.dsStatus, "starting"); assert.equal(el.dataset.dsPoints, "0");
+send("progress", { value: 2, max: 5, prompt_id: "p2" });  // no node field: the executing node
+assert.equal(el.dataset.dsStatus, "running");
+assert.equal(el.dataset.dsStep, "2"); assert.equal(el.dataset.dsTotal, "5");
+send("execution_error", { prompt_id: "p2", node_id: "7", exception_message: "DomainStudio Train: boom\nTraceback" });
+assert.equal(el.dataset.dsStatus, "error");
+assert.equal(el.children[3].textContent, "DomainStudio Train: boom", "first line of the error");
+
+// A finished run without a final event is settled when the prompt succeeds.
+send("executing", { node: "7", prompt_id: "p3" });
+event({ node: "7", prompt_id: "p3", status: "running", step: 1, total: 2,
+        loss: { steps: [1], terms: { total: [0.3] } } });
+assert.equal(el.dataset.dsLog, "0");
+send("execution_success", { prompt_id: "p3" });
+assert.equal(el.dataset.dsStatus, "done"); assert.match(text(), /^done/);
+
+// Loading another workflow forgets finished runs (a new node with the same id shows nothing old).
+ext.beforeConfigureGraph();
+event({ node: "8", prompt_id: "p4", status: "running", step: 1, total: 1 });  // any event re-renders
+assert.equal(el.dataset.dsStatus, "idle");
+
+// Malformed events are ignored; a removed node is no longer rendered.
+for (const t of ["domainstudio.progress", "progress", "executed", "executing", "execution_error",
+                 "execution_interrupted", "execution_success"]) {
+  send(t, undefined); send(t, null); send(t, {}); send(t, "garbage");
+}
+event({ node: "7", prompt_id: "p5", status: "bogus", step: "x", total: null,
+        loss: { steps: [1, 2], terms: { a: [1] } } });  // unknown status, bad step, ragged history
+assert.equal(el.dataset.dsStatus, "running");
+assert.equal(el.dataset.dsStep, "0"); assert.equal(el.dataset.dsPoints, "0");
+train.onRemoved();
+event({ node: "7", prompt_id: "p6", status: "done", step: 2, total: 2 });
+assert.equal(el.dataset.dsStatus, "running", "a removed node's widget is not updated");
 console.log("JS-OK");
-process.exit(0);  // the extension's redraw ticker would keep node alive
 """
 
 
 def test_js_behaviour(tmp_path):
+    """The extension under Node with a minimal DOM: only our nodes get the display widget (not
+    serialized), and the progress / loss chart / status follow ComfyUI's and our events through a
+    run, Cancel, an error, a new run and a workflow switch; malformed events are ignored."""
     (tmp_path / "package.json").write_text('{"type": "module"}')
+    (tmp_path / "fake_dom.js").write_text(FAKE_DOM)
     (tmp_path / "scripts").mkdir()
     (tmp_path / "scripts" / "api.js").write_text("export const api = new EventTarget();\n")
     (tmp_path / "scripts" / "app.js").write_text(
@@ -323,6 +403,6 @@ def test_js_behaviour(tmp_path):
         "           setDirtyCanvas() {} } };\n")
     (tmp_path / "extensions" / "ds").mkdir(parents=True)
     shutil.copy(JS, tmp_path / "extensions" / "ds" / "domainstudio.js")
-    (tmp_path / "driver.js").write_text(DRIVER)
+    (tmp_path / "driver.js").write_text(DRIVER, encoding="utf-8")
     p = subprocess.run([_node(), "driver.js"], capture_output=True, text=True, timeout=30, cwd=tmp_path)
     assert p.returncode == 0 and "JS-OK" in p.stdout, p.stdout + p.stderr

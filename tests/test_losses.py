@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from trainer.losses import (
+from comfyui_domainstudio.trainer.losses import (
+    denoising_loss_x0,
     haar_dwt,
     haar_idwt,
     high_frequency,
@@ -326,3 +327,59 @@ def test_low_precision_inputs_return_float32(dtype):
     torch.testing.assert_close(
         relative_distance_kl(a, s), relative_distance_kl(a.float(), s.float())
     )
+
+
+# ------------------------------------------------------ denoising_loss_x0
+
+
+def test_denoising_loss_x0_eps_hand_case():
+    # eps: ||eps - eps*||^2 = ||x0_pred - x0||^2 / sigma^2, mean over all elements.
+    # sample 0: errors (2, 0), sigma 2   -> (4 + 0) / 4    = 1, 0
+    # sample 1: errors (1, -1), sigma 0.5 -> (1, 1) / 0.25 = 4, 4     mean of (1, 0, 4, 4) = 2.25
+    x0 = t([[0.0, 0.0], [1.0, 1.0]])
+    pred = t([[2.0, 0.0], [2.0, 0.0]])
+    loss = denoising_loss_x0(pred, x0, t([2.0, 0.5]), "eps")
+    assert loss.shape == () and loss.dtype == torch.float32
+    assert loss.item() == pytest.approx(2.25)
+
+
+def test_denoising_loss_x0_v_hand_case():
+    # v, sigma_data 1: c_out^2 = sigma^2 / (sigma^2 + 1)
+    # sample 0: sigma 1 -> c_out^2 = 1/2; error 1 -> 1 / (1/2) = 2
+    # sample 1: sigma 2 -> c_out^2 = 4/5; error 2 -> 4 / (4/5) = 5             mean = 3.5
+    loss = denoising_loss_x0(t([[1.0], [2.0]]), t([[0.0], [0.0]]), t([1.0, 2.0]), "v")
+    assert loss.item() == pytest.approx(3.5)
+    # sigma_data 0.5: c_out^2 = 0.25 sigma^2 / (sigma^2 + 0.25); sigma 1 -> 0.2; error 1 -> 5
+    assert denoising_loss_x0(t([[1.0]]), t([[0.0]]), t([1.0]), "v", sigma_data=0.5).item() == pytest.approx(5.0)
+
+
+def test_denoising_loss_x0_equals_the_native_eps_and_v_losses():
+    # x0 = x_t - sigma * eps (eps models); x0 = x_t / (sigma^2 + 1) - v * sigma / sqrt(sigma^2 + 1) (v models,
+    # sigma_data = 1): the loss through x0 is exactly the MSE of the model's own output.
+    g = torch.Generator().manual_seed(0)
+    sigma = torch.tensor([0.03, 0.7, 2.0, 14.6], dtype=torch.float64)
+    s = sigma.view(-1, 1, 1, 1)
+    xt = torch.randn(4, 4, 8, 8, generator=g, dtype=torch.float64)
+    out, out_hat = torch.randn(2, 4, 4, 8, 8, generator=g, dtype=torch.float64)
+    want = ((out_hat - out) ** 2).mean().item()
+    eps_x0, eps_pred = xt - s * out, xt - s * out_hat
+    assert denoising_loss_x0(eps_pred, eps_x0, sigma, "eps").item() == pytest.approx(want, rel=1e-5)
+    v_x0 = xt / (s**2 + 1) - out * s / (s**2 + 1).sqrt()
+    v_pred = xt / (s**2 + 1) - out_hat * s / (s**2 + 1).sqrt()
+    assert denoising_loss_x0(v_pred, v_x0, sigma, "v").item() == pytest.approx(want, rel=1e-5)
+
+
+def test_denoising_loss_x0_gradient_and_low_precision():
+    pred = torch.zeros(2, 3, requires_grad=True)
+    x0 = torch.ones(2, 3)
+    denoising_loss_x0(pred, x0, torch.tensor([1.0, 2.0])).backward()
+    # d/dpred mean((pred - x0)^2 / s^2) = 2 (pred - x0) / (s^2 * 6)
+    want = torch.tensor([[-2 / 6] * 3, [-2 / 24] * 3])
+    torch.testing.assert_close(pred.grad, want)
+    half = denoising_loss_x0(torch.zeros(2, 3, dtype=torch.bfloat16), x0.bfloat16(), torch.tensor([1.0, 2.0]))
+    assert half.dtype == torch.float32 and half.item() == pytest.approx((3 * 1 + 3 * 0.25) / 6)
+
+
+def test_denoising_loss_x0_unknown_prediction():
+    with pytest.raises(ValueError, match="'x0'"):
+        denoising_loss_x0(torch.zeros(1, 1), torch.zeros(1, 1), torch.ones(1), "x0")

@@ -1,10 +1,11 @@
 """The miniature SD1.5 world (miniworld/): the assembled checkpoint loads through the stock
-CheckpointLoaderSimple as SD1.5 with a TAESD VAE, the stock KSampler draws its training captions,
-and the drawings are recognisable: each generated image is matched (nearest neighbour in pixel
-space) to the training image of its own caption far more often than chance.
+CheckpointLoaderSimple as a two-level SD1.5 UNet with a TAESD VAE, the factors it ships multiply out
+exactly, the stock KSampler draws training captions recognisably (also with the DreamBooth /
+DomainStudio identifier "sks" in the prompt), and "an emoji" gives varied images.
 
 Uses only shipped files (miniworld/weights/): the checkpoint is assembled once into $DS_CACHE
-(the random CLIP-L is regenerated from its seed); no download happens here.
+(the random CLIP-L is regenerated from its seed); no download happens here. The full measurement
+(Lite0 KID, diversity, held-out captions) is bench/miniworld_quality.py.
 """
 
 from __future__ import annotations
@@ -15,13 +16,12 @@ import numpy as np
 import pytest
 import torch
 
-# Measured with the shipped weights (miniworld/weights/training.json, `quality`, from
-# `python -m miniworld.evaluate --n 97 --cfg 5 7.5 3`): VAE PSNR 21.06 dB; nearest-neighbour accuracy
-# 0.938 over all 97 training captions at CFG 5 (0.907 at 7.5, 0.928 at 3), chance 1/97 = 0.010.
-# The bars sit below the measurements and far above chance.
-MIN_VAE_PSNR_DB = 19.0
+# Floors below the shipped model's measurements (miniworld/weights/training.json, `quality`, and the
+# README table), far above chance (1/1252 for a training caption).
+MIN_VAE_PSNR_DB = 22.0
 MIN_NN_ACCURACY = 0.5
-N_PROMPTS = 16
+MIN_SKS_NN_ACCURACY = 0.4
+N_PROMPTS, N_SKS, N_DOMAIN = 12, 6, 8
 
 
 @pytest.fixture(scope="session")
@@ -49,26 +49,57 @@ def reference():
 def test_shipped_weights_fit_budget():
     from miniworld import config
 
-    total = sum(os.path.getsize(f) for f in (config.UNET_FILE, config.VAE_FILE, config.REFERENCE_PNG))
-    assert total <= 40 * 1024 * 1024, total
+    shipped = [os.path.join(config.WEIGHTS_DIR, f) for f in os.listdir(config.WEIGHTS_DIR)]
+    total = sum(os.path.getsize(f) for f in shipped)
+    assert total <= config.SHIPPED_BUDGET_BYTES, sorted((os.path.getsize(f), f) for f in shipped)
+    assert os.path.exists(config.UNET_FILE) and os.path.exists(config.VAE_FILE)
+    assert not os.path.exists(os.path.join(config.WEIGHTS_DIR, "unet_fp16.safetensors"))  # the old one-level UNet
 
 
-def test_loads_as_sd15_with_taesd(comfy, mw):
+def test_loads_as_two_level_sd15_with_taesd(comfy, mw):
     from comfy import latent_formats, model_base, supported_models
     from comfy.taesd import taesd
+
+    from miniworld import config
 
     model, clip, vae = mw
     assert type(model.model.model_config) is supported_models.SD15
     assert type(model.model) is model_base.BaseModel
     assert model.model.model_type == model_base.ModelType.EPS
     assert isinstance(model.model.latent_format, latent_formats.SD15)
+    detected = model.model.model_config.unet_config
+    for k in ("channel_mult", "num_res_blocks", "transformer_depth", "transformer_depth_output",
+              "transformer_depth_middle", "model_channels", "context_dim"):
+        assert list(np.atleast_1d(detected[k])) == list(np.atleast_1d(config.UNET_CONFIG[k])), k
+    assert len(detected["channel_mult"]) == 2  # 8x8 and 4x4 latents
     assert isinstance(vae.first_stage_model, taesd.TAESD)
-    # full-size CLIP-L on the loader path (12 layers, 768 wide)
     layers = clip.cond_stage_model.clip_l.transformer.text_model.encoder.layers
-    assert len(layers) == 12
+    assert len(layers) == 12  # full-size CLIP-L on the loader path
     with torch.inference_mode():
         lat = vae.encode(torch.full((1, 64, 64, 3), 0.5))
     assert tuple(lat.shape) == (1, 4, 8, 8)
+
+
+def test_factors_multiply_out_exactly(comfy):
+    """The shipped parameterisation (miniworld/factor.py) and the ordinary UNet the checkpoint carries
+    compute the same function; random factors, so every layer matters."""
+    from miniworld import factor, models
+
+    fu = models.new_factored_unet(seed=3)
+    with torch.no_grad():
+        for _, p in fu.named_parameters():
+            if p.ndim > 1 and (p == 0).all():  # zero-initialised residual outputs
+                p.normal_(0, 0.05)
+    full = factor.expanded_state_dict(fu)
+    _, unet = models.new_unet()
+    unet.load_state_dict(full, strict=True)
+    n_factored = sum(isinstance(m, (factor.FactorConv2d, factor.FactorLinear)) for m in fu.modules())
+    assert n_factored > 50
+    x, t, ctx = torch.randn(2, 4, 8, 8), torch.tensor([20.0, 800.0]), torch.randn(2, 77, 768)
+    with torch.no_grad():
+        a, b = fu.eval()(x, t, context=ctx), unet.eval()(x, t, context=ctx)
+    assert a.abs().mean() > 0.1
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
 def _psnr(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -78,7 +109,7 @@ def _psnr(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def test_vae_reconstruction_psnr(comfy, mw, reference):
     _, _, vae = mw
-    x = torch.from_numpy(reference["images"]).float() / 255.0
+    x = torch.from_numpy(reference["images"][::8]).float() / 255.0
     with torch.inference_mode():
         rec = vae.decode(vae.encode(x)).float().clamp(0, 1).numpy()
     p = float(_psnr(rec, x.numpy()).mean())
@@ -86,36 +117,27 @@ def test_vae_reconstruction_psnr(comfy, mw, reference):
     assert p >= MIN_VAE_PSNR_DB
 
 
-def _generate(comfy, mw, prompts: list[str], seed: int = 0) -> np.ndarray:
-    model, clip, vae = mw
-    n = comfy.nodes
-    out = []
-    with torch.inference_mode():
-        (neg,) = n.CLIPTextEncode().encode(clip, "")
-        (latent,) = n.EmptyLatentImage().generate(64, 64, 1)
-        for i, p in enumerate(prompts):
-            (pos,) = n.CLIPTextEncode().encode(clip, p)
-            (samples,) = n.KSampler().sample(model, seed + i, 20, 5.0, "euler", "normal", pos, neg, latent, denoise=1.0)
-            (img,) = n.VAEDecode().decode(vae, samples)
-            out.append(img[0].float().numpy())
-    return np.stack(out)
-
-
 def test_ksampler_draws_recognisable_captions(comfy, mw, reference):
-    """Stock KSampler at 64x64 on N training captions; nearest training image (pixel MSE on 16x16
-    area-downsampled images, all 97 training emoji as candidates) must be the caption's own."""
+    """Stock KSampler at 64x64, one call for all prompts: N training captions "an emoji of <name>",
+    N_SKS of them as "a sks emoji of <name>", N_DOMAIN "an emoji". The nearest training image (pixel
+    MSE on 16x16 area-downsampled images, all training concepts as candidates) must be the caption's
+    own; the "an emoji" samples must be different emoji, not one image."""
+    from miniworld import evaluate
+
     refs = reference["images"].astype(np.float32) / 255.0
     ids = np.linspace(0, len(refs) - 1, N_PROMPTS).round().astype(int)
-    prompts = [reference["captions"][i][1] for i in ids]
-    imgs = _generate(comfy, mw, prompts)
-    assert imgs.shape == (N_PROMPTS, 64, 64, 3) and np.isfinite(imgs).all()
-    assert imgs.std() > 0.05  # not a blank image
-
-    def small(a):
-        return a.reshape(len(a), 16, 4, 16, 4, 3).mean(axis=(2, 4)).reshape(len(a), -1)
-
-    d = ((small(imgs)[:, None, :] - small(refs)[None, :, :]) ** 2).mean(-1)
-    nn = d.argmin(1)
-    acc = float((nn == ids).mean())
-    print(f"miniworld nearest-neighbour accuracy {acc:.2f} over {N_PROMPTS} captions (chance {1 / len(refs):.3f})")
-    assert acc >= MIN_NN_ACCURACY, [(p, reference["names"][j]) for p, j in zip(prompts, nn)]
+    names = [reference["names"][i] for i in ids]
+    prompts = ([f"an emoji of {n}" for n in names] + [f"a sks emoji of {n}" for n in names[:N_SKS]]
+               + ["an emoji"] * N_DOMAIN)
+    imgs = evaluate.generate(comfy.nodes, mw, prompts, seed=0, batch=len(prompts))
+    assert imgs.shape == (len(prompts), 64, 64, 3) and np.isfinite(imgs).all()
+    plain, sks, domain = imgs[:N_PROMPTS], imgs[N_PROMPTS:N_PROMPTS + N_SKS], imgs[N_PROMPTS + N_SKS:]
+    acc, nn = evaluate.nn_accuracy(plain, ids, refs)
+    acc_sks, nn_sks = evaluate.nn_accuracy(sks, ids[:N_SKS], refs)
+    _, nn_dom = evaluate.nn_accuracy(domain, np.zeros(N_DOMAIN, int), refs)
+    print(f"miniworld NN accuracy {acc:.2f} over {N_PROMPTS} captions, {acc_sks:.2f} with 'sks' "
+          f"(chance {1 / len(refs):.4f}); 'an emoji': {len(set(nn_dom.tolist()))} distinct nearest emoji of {N_DOMAIN}")
+    assert acc >= MIN_NN_ACCURACY, [(p, reference["names"][j]) for p, j in zip(names, nn)]
+    assert acc_sks >= MIN_SKS_NN_ACCURACY, [(p, reference["names"][j]) for p, j in zip(names, nn_sks)]
+    assert len(set(nn_dom.tolist())) >= N_DOMAIN // 2
+    assert domain.std(axis=0).mean() > 0.1  # the samples differ pixel-wise

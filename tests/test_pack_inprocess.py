@@ -1,4 +1,5 @@
-"""The pack inside a real, in-process ComfyUI (CPU): loading, registration, stock loaders, our nodes."""
+"""The pack inside a real, in-process ComfyUI (CPU): loading, registration (one copy of every module),
+stock loaders, the image-set node."""
 
 import os
 import subprocess
@@ -9,20 +10,28 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import REPO
+from comfyui_domainstudio.testing.harness import PACKAGE, REPO, duplicate_pack_modules
 
 pytestmark = pytest.mark.comfy
 
-OUR_NODES = {"DomainStudio_FewShotImageSet", "DomainStudio_Train"}
+OUR_NODES = {"DomainStudio_FewShotImageSet", "DomainStudio_Train", "DomainStudio_Personalize",
+             "DomainStudio_LoadWeights"}
 
 
-def test_core_imports_without_comfyui():
+def test_core_imports_without_comfyui(tmp_path):
+    """The host-agnostic core (and the diffusers host) import through the package alone, from any
+    working directory, without importing ComfyUI."""
     code = (
-        "import sys; import trainer, trainer.losses, trainer.domainstudio, trainer.imageset, trainer.deltas, "
-        "trainer.plot; bad=[m for m in sys.modules if m.split('.')[0] in ('comfy','comfy_api','folder_paths','nodes')];"
+        "import runpy, sys, importlib; runpy.run_path(sys.argv[1]);"
+        "mods = ['trainer', 'trainer.losses', 'trainer.loop', 'trainer.run', 'trainer.files', 'trainer.methods',"
+        " 'trainer.methods.domainstudio', 'trainer.methods.personalize', 'trainer.imageset', 'trainer.deltas',"
+        " 'trainer.embeddings', 'trainer.plot', 'trainer.memory', 'testing.toy'];"
+        "[importlib.import_module('comfyui_domainstudio.' + m) for m in mods];"
+        "bad=[m for m in sys.modules if m.split('.')[0] in ('comfy','comfy_api','folder_paths','nodes','trainer')];"
         "assert not bad, bad; print('ok')"
     )
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-c", code, os.path.join(REPO, "__init__.py")], cwd=str(tmp_path),
+                         capture_output=True, text=True, env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
 
 
@@ -33,9 +42,33 @@ def test_pack_registers_v3_nodes_and_web_directory(comfy):
         assert schema.node_id == node_id
         info = cls.GET_NODE_INFO_V1()
         assert info["category"] == "DomainStudio"
+        # The class ComfyUI registered is the package's own (not a second import of the module).
+        assert cls.__module__.startswith(PACKAGE + ".nodes."), cls.__module__
+        assert sys.modules[cls.__module__] is comfy.pack(cls.__module__[len(PACKAGE) + 1:])
     web = [d for d in comfy.nodes.EXTENSION_WEB_DIRS.values() if os.path.samefile(d, os.path.join(REPO, "js"))]
     assert web, comfy.nodes.EXTENSION_WEB_DIRS
     assert os.path.isfile(os.path.join(web[0], "domainstudio.js"))
+
+
+def test_every_pack_module_is_imported_once(comfy, sd15):
+    """ComfyUI's loader delegates to the registered package: one copy of each module, whatever
+    imported it first (conftest's run_path, ComfyUI's load_custom_node, the tests)."""
+    comfy.pack("trainer.run")
+    comfy.pack("trainer.hosts.comfy")
+    comfy.pack("nodes.common")
+    assert duplicate_pack_modules() == {}
+    for dotted in ("trainer.run", "trainer.hosts.comfy", "trainer.hosts.comfy_compat", "nodes.common",
+                   "testing.tiny_models"):
+        same = [m for m in sys.modules if m == dotted or m.endswith("." + dotted)]
+        assert same == [f"{PACKAGE}.{dotted}"], same
+    # No top-level `trainer` / `testing` of ours (ComfyUI's own `nodes` is the only `nodes`).
+    assert "trainer" not in sys.modules and "testing" not in sys.modules
+    assert sys.modules["nodes"] is comfy.nodes
+    assert os.path.dirname(comfy.nodes.__file__) == os.path.realpath(comfy.root) or \
+        os.path.samefile(os.path.dirname(comfy.nodes.__file__), comfy.root)
+    # ComfyUI's module for the folder only re-exports the package's entry point.
+    assert comfy.loader_module.comfy_entrypoint is sys.modules[PACKAGE].comfy_entrypoint
+    assert not [m for m in sys.modules if m.startswith(comfy.loader_module_name + ".")]
 
 
 def test_stock_checkpoint_loader_detects_tiny_sd15(comfy, sd15):
@@ -67,19 +100,37 @@ def _write_images(folder, n, size=(80, 60)):
         Image.fromarray(arr).save(os.path.join(folder, f"img_{i}.png"))
 
 
-def test_few_shot_image_set_node_from_folder_and_batch(comfy, tmp_path):
+@pytest.fixture()
+def image_root(tmp_path, monkeypatch):
+    """tmp_path allowed as an image folder root, as a server owner would with the environment variable."""
+    monkeypatch.setenv("DOMAINSTUDIO_IMAGE_ROOTS", str(tmp_path))
+    return tmp_path
+
+
+def test_few_shot_image_set_node_from_folder_and_batch(comfy, image_root):
     node = comfy.node("DomainStudio_FewShotImageSet")
-    _write_images(tmp_path / "set", 3)
+    _write_images(image_root / "set", 3)
     batch = torch.rand(2, 40, 48, 3)
     with torch.inference_mode():  # as ComfyUI's executor runs nodes
-        out = node.execute(resolution=64, flip=True, folder=str(tmp_path / "set"), images=batch)
+        out = node.execute(resolution=64, flip=True, folder=str(image_root / "set"), images=batch)
     image_set, images, summary = out.result
     assert images.shape == (10, 64, 64, 3)  # (2 + 3) images, doubled by flip
     assert torch.equal(images[5:], torch.flip(images[:5], dims=[2]))
     assert isinstance(summary, str) and "10" in summary
 
 
-def test_few_shot_image_set_node_relative_folder_uses_input_dir(comfy, tmp_path):
+def test_few_shot_image_set_node_refuses_folders_outside_the_roots(comfy, tmp_path, monkeypatch):
+    """Without the environment variable an absolute folder outside ComfyUI's input directory is
+    refused with a message that shows only the user's own string."""
+    monkeypatch.delenv("DOMAINSTUDIO_IMAGE_ROOTS", raising=False)
+    node = comfy.node("DomainStudio_FewShotImageSet")
+    _write_images(tmp_path / "set", 3)
+    with pytest.raises(ValueError, match="input directory") as e:
+        node.execute(resolution=64, flip=False, folder=str(tmp_path / "set"))
+    assert comfy.folder_paths.get_input_directory() not in str(e.value)
+
+
+def test_few_shot_image_set_node_relative_folder_uses_input_dir(comfy):
     node = comfy.node("DomainStudio_FewShotImageSet")
     input_dir = comfy.folder_paths.get_input_directory()
     sub = "ds_test_set_rel"
@@ -93,16 +144,16 @@ def test_few_shot_image_set_node_relative_folder_uses_input_dir(comfy, tmp_path)
         shutil.rmtree(os.path.join(input_dir, sub))
 
 
-def test_few_shot_image_set_node_errors_are_specific(comfy, tmp_path):
+def test_few_shot_image_set_node_errors_are_specific(comfy, image_root):
     node = comfy.node("DomainStudio_FewShotImageSet")
     with pytest.raises(ValueError, match="resolution"):
         node.execute(resolution=100, flip=False, images=torch.rand(3, 64, 64, 3))
     # One photo is a valid set (personalization warns about it; DomainStudio Train refuses it itself).
     assert len(node.execute(resolution=64, flip=False, images=torch.rand(1, 64, 64, 3)).result[0]) == 1
-    (tmp_path / "bad").mkdir()
-    (tmp_path / "bad" / "broken.png").write_bytes(b"not a png at all")
-    _write_images(tmp_path / "bad", 2)
+    (image_root / "bad").mkdir()
+    (image_root / "bad" / "broken.png").write_bytes(b"not a png at all")
+    _write_images(image_root / "bad", 2)
     with pytest.raises(ValueError, match="broken.png"):
-        node.execute(resolution=64, flip=False, folder=str(tmp_path / "bad"))
+        node.execute(resolution=64, flip=False, folder=str(image_root / "bad"))
     with pytest.raises(ValueError, match="does_not_exist"):
-        node.execute(resolution=64, flip=False, folder=str(tmp_path / "does_not_exist"))
+        node.execute(resolution=64, flip=False, folder=str(image_root / "does_not_exist"))

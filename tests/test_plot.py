@@ -1,4 +1,5 @@
-"""Tests for trainer/plot.py (pure torch/PIL, no ComfyUI)."""
+"""Tests for trainer/plot.py (the loss plot) and trainer/grids.py (image grids); pure torch/PIL, no
+ComfyUI."""
 
 import math
 
@@ -7,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from trainer.plot import SERIES_COLORS, render_loss_plot, smooth
+from comfyui_domainstudio.trainer.grids import labelled_rows, save_png, tile, tile_rows, to_pil, to_uint8
+from comfyui_domainstudio.trainer.plot import SERIES_COLORS, render_loss_plot, smooth
 
 
 def color_mask(img, color, tol=2 / 255):
@@ -123,8 +125,6 @@ def test_too_small_rejected():
 
 
 def test_tile_rows_places_images_with_gaps_and_white_padding(tmp_path):
-    from trainer.plot import save_png, tile, tile_rows
-
     a = np.zeros((2, 2, 3, 3), np.uint8)          # row 0: two black 2x3 images
     b = np.full((1, 2, 3, 3), 0.5, np.float32)     # row 1: one mid-grey image, floats in 0..1
     canvas = tile_rows([a, b], gap=1)
@@ -142,3 +142,26 @@ def test_tile_rows_places_images_with_gaps_and_white_padding(tmp_path):
     back = np.asarray(Image.open(path))
     assert back.shape == (10, 12, 3) and (back[::2, ::2] == canvas).all()
     assert not list(tmp_path.glob("*.tmp*"))
+
+
+def test_to_uint8_and_to_pil():
+    img = torch.tensor([[[[0.0, 0.5, 1.2]]]])  # IMAGE [1, 1, 1, 3]; out-of-range values are clipped
+    assert to_uint8(img).tolist() == [[[[0, 128, 255]]]] and to_uint8(img).dtype == np.uint8
+    u = np.full((2, 2, 3), 7, np.uint8)
+    assert to_uint8(u) is u
+    pil = to_pil(torch.zeros(2, 3, 4, 3))
+    assert pil.size == (4, 3) and pil.mode == "RGB"
+
+
+def test_labelled_rows_puts_each_row_after_its_label():
+    red = torch.zeros(2, 8, 8, 3)
+    red[..., 0] = 1.0
+    blue = torch.zeros(1, 16, 16, 3)  # another size: resized to the first row's
+    blue[..., 2] = 1.0
+    out = labelled_rows([(red, "source"), (blue, "adapted")], label_width=40)
+    # 8 px samples are enlarged 8x so the grid stays readable: rows of 64 px, 2 columns
+    assert out.shape == (1, 128, 40 + 2 * 64, 3) and out.dtype == torch.float32
+    assert torch.equal(out[0, 10, 40 + 70], torch.tensor([1.0, 0.0, 0.0]))
+    assert torch.equal(out[0, 100, 40 + 10], torch.tensor([0.0, 0.0, 1.0]))
+    assert torch.equal(out[0, 100, 40 + 100], torch.ones(3))  # the short row is padded with white
+    assert (out[0, :64, :40] < 1.0).any() and (out[0, 64:, :40] < 1.0).any()  # both labels were written

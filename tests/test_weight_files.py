@@ -9,8 +9,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from trainer import deltas, embeddings
-from trainer.deltas import WeightFileError
+from comfyui_domainstudio.trainer import deltas, embeddings
+from comfyui_domainstudio.trainer.deltas import WeightFileError
 
 
 def _files(folder):
@@ -346,7 +346,8 @@ def test_foreign_embedding_layouts_load(tmp_path, layout):
 
 @pytest.mark.parametrize("vectors, match", [
     ({"clip_g": _vec(1, 1280)}, "keys"),
-    ({"clip_l": _vec(1, 1280)}, r"expected \[n, 768\]"),
+    ({"clip_l": torch.zeros(0, 768)}, r"has shape \(.*\); this model.s clip_l expects \[n, width\]"),
+    ({"clip_l": torch.zeros(1, 2, 768)}, r"has shape \(.*\); this model.s clip_l expects \[n, width\]"),
     ({"clip_l": _vec(2, 768), "clip_g": _vec(3, 1280)}, "token count"),
     ({"clip_l": torch.full((1, 768), float("nan"))}, "non-finite"),
     ({"clip_l": torch.full((1, 768), 1e6)}, "overflows"),
@@ -368,13 +369,56 @@ def test_unrecognised_embedding_is_refused(tmp_path):
         embeddings.load_embedding(q)
 
 
-def test_weight_file_modules_import_without_any_host():
+# --- widths from the loaded model --------------------------------------------------------------
+
+def test_non_standard_widths_save_and_read_back_when_the_model_gives_them(tmp_path):
+    # A miniature text encoder 256 wide: the file is written with the model's own width (a hard-coded
+    # 768 once refused such a file at the end of a 7-minute run).
+    v = _vec(2, 256)
+    widths = {"clip_l": 256}
+    p = embeddings.save_embedding(str(tmp_path / "mini.safetensors"), {"clip_l": v}, {}, dtype=torch.float32,
+                                  widths=widths)
+    vectors, _ = embeddings.read_embedding(p, widths=widths)
+    assert torch.equal(vectors["clip_l"], v)
+    assert torch.equal(embeddings.load_embedding(p)["clip_l"], v)  # keyed by encoder: no widths needed
+    # a single unnamed tensor (diffusers' {token: tensor}) is placed by the model's widths
+    q = str(tmp_path / "single.safetensors")
+    save_file({"<mini>": v}, q)
+    assert torch.equal(embeddings.read_embedding(q, widths=widths)[0]["clip_l"], v)
+    with pytest.raises(WeightFileError, match="matches no known text encoder"):
+        embeddings.read_embedding(q)
+    sdxl = {"clip_l": _vec(1, 256), "clip_g": _vec(1, 320)}
+    r = embeddings.save_embedding(str(tmp_path / "x.safetensors"), sdxl, {}, dtype=torch.float32,
+                                  widths={"clip_l": 256, "clip_g": 320})
+    assert all(torch.equal(embeddings.load_embedding(r)[k], sdxl[k]) for k in sdxl)
+
+
+@pytest.mark.parametrize("vectors, widths, match", [
+    ({"clip_l": _vec(1, 256)}, {"clip_l": 768}, r"vectors\['clip_l'\] has shape \(1, 256\); this model's clip_l "
+                                                r"expects \[n, 768\]"),
+    ({"clip_l": _vec(1, 768)}, {"clip_l": 256}, r"expects \[n, 256\]"),
+    ({"clip_l": _vec(1, 768), "clip_g": _vec(1, 1024)}, {"clip_l": 768, "clip_g": 1280},
+     r"vectors\['clip_g'\].*expects \[n, 1280\]"),
+])
+def test_widths_that_do_not_match_the_model_are_refused(tmp_path, vectors, widths, match):
+    with pytest.raises(WeightFileError, match=match):
+        embeddings.save_embedding(str(tmp_path / "e.safetensors"), vectors, {}, widths=widths)
+    assert _files(tmp_path) == []
+
+
+def test_core_modules_import_without_any_host():
     import subprocess
     import sys
 
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    code = ("import sys; import trainer.deltas, trainer.embeddings; "
-            "bad=[m for m in sys.modules if m.split('.')[0] in ('comfy','comfy_api','folder_paths','nodes','diffusers')];"
+    code = ("import runpy, sys; runpy.run_path(sys.argv[1]); "
+            "import comfyui_domainstudio.trainer.deltas, comfyui_domainstudio.trainer.embeddings, "
+            "comfyui_domainstudio.trainer.files, comfyui_domainstudio.trainer.run, "
+            "comfyui_domainstudio.trainer.loop, comfyui_domainstudio.trainer.methods, "
+            "comfyui_domainstudio.testing.toy; "
+            "bad=[m for m in sys.modules if m.split('.')[0] in ('comfy','comfy_api','folder_paths','nodes','diffusers',"
+            "'transformers', 'trainer')];"
             "assert not bad, bad; print('ok')")
-    out = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-c", code, os.path.join(repo, "__init__.py")], cwd=os.path.dirname(repo),
+                         capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr

@@ -3,102 +3,16 @@ through the stock LoraLoader with zero 'lora key not loaded' warnings, embedding
 `embedding:NAME`, the A1111 key layout resolves against the model's modules, and the Load Weights
 node refuses files of another architecture / base model."""
 
-import logging
 import os
 
 import pytest
 import torch
-from safetensors import safe_open
 
-from test_domainstudio_comfy import _images, _train
+from comfyui_domainstudio.testing.comfy_helpers import (a1111_updates, encode, progress_hook, random_vectors,
+                                                         read_file, save_synthetic, save_test_embedding, stock_load,
+                                                         synthetic_lora, train_domainstudio, unet_out)
 
-pytestmark = pytest.mark.comfy
-
-
-@pytest.fixture(autouse=True)
-def restore_weights(comfy):
-    """Unload every model after each test: ComfyUI writes a loaded clone's patches into the shared
-    weights and restores them only on unload, so a patched clone left loaded would change what the
-    next test (in any file) sees as the base model's weights."""
-    yield
-    from comfy import model_management
-
-    model_management.unload_all_models()
-
-
-def _register(comfy, kind, path):
-    comfy.folder_paths.add_model_folder_path(kind, path, is_default=True)
-
-
-def _unregister(comfy, kind, path):
-    comfy.folder_paths.folder_names_and_paths[kind][0].remove(path)
-
-
-@pytest.fixture()
-def loras_dir(comfy, tmp_path):
-    d = str(tmp_path / "loras")
-    os.makedirs(d)
-    _register(comfy, "loras", d)
-    yield d
-    _unregister(comfy, "loras", d)
-
-
-@pytest.fixture()
-def embeddings_dir(comfy, tmp_path):
-    d = str(tmp_path / "embeddings")
-    os.makedirs(d)
-    _register(comfy, "embeddings", d)
-    yield d
-    _unregister(comfy, "embeddings", d)
-
-
-def _inputs(context_dim=768, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(2, 4, 8, 8, generator=g), torch.tensor([50.0, 700.0]),
-            torch.randn(2, 77, context_dim, generator=g))
-
-
-def unet_out(model, context_dim=768, y=None):
-    """The UNet's raw output with `model`'s patches applied (as ComfyUI applies them for sampling)."""
-    from comfy import model_management
-
-    model_management.load_models_gpu([model])
-    x, t, ctx = _inputs(context_dim)
-    with torch.no_grad():
-        kw = {} if y is None else {"y": y}
-        return model.model.diffusion_model(x, t, context=ctx, **kw).float()
-
-
-class LoraWarnings(logging.Handler):
-    """Collects ComfyUI's 'lora key not loaded' / 'NOT LOADED' warnings."""
-
-    def __init__(self):
-        super().__init__(logging.WARNING)
-        self.messages = []
-
-    def emit(self, record):
-        msg = record.getMessage()
-        if "lora key not loaded" in msg or "NOT LOADED" in msg:
-            self.messages.append(msg)
-
-    def __enter__(self):
-        logging.getLogger().addHandler(self)
-        return self
-
-    def __exit__(self, *exc):
-        logging.getLogger().removeHandler(self)
-
-
-def stock_load(comfy, model, clip, path, strength_model=1.0, strength_clip=0.0):
-    with LoraWarnings() as w:
-        m, c = comfy.nodes.LoraLoader().load_lora(model, clip, os.path.basename(path), strength_model, strength_clip)
-    assert w.messages == [], w.messages[:3]
-    return m, c
-
-
-def _meta(path):
-    with safe_open(path, "pt") as f:
-        return dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}
+pytestmark = [pytest.mark.comfy, pytest.mark.usefixtures("unload_models")]
 
 
 # --- DomainStudio's files: every format round-trips -----------------------------------------
@@ -117,12 +31,13 @@ def test_domainstudio_file_round_trips_through_stock_loader(comfy, sd15, loras_d
     host = comfy.pack("trainer.hosts.comfy")
     deltas = comfy.pack("trainer.deltas")
     model, clip, vae = sd15
-    trained, delta, _, saved = _train(comfy, model, clip, vae, steps=3, train_mode=mode, lora_rank=4, lora_alpha=4.0,
-                                      learning_rate=1e-2 if mode.startswith("lora") else 1e-3, save_name="rt",
-                                      save_format=fmt, save_dtype=dtype, svd_rank=svd_rank)
+    out = train_domainstudio(comfy, model, clip, vae, steps=3, train_mode=mode, lora_rank=4, lora_alpha=4.0,
+                             learning_rate=1e-2 if mode.startswith("lora") else 1e-3, save_name="rt",
+                             save_format=fmt, save_dtype=dtype, svd_rank=svd_rank)
+    trained, delta, saved = out["model"], out["delta"], out["saved_path"]
     assert os.path.dirname(saved) == loras_dir and os.path.basename(saved) == "rt_00001.safetensors"
     assert [f for f in os.listdir(loras_dir)] == ["rt_00001.safetensors"]  # no temp file left
-    md, tensors = _meta(saved)
+    md, tensors = read_file(saved)
     want_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
     assert all(v.dtype == want_dtype for k, v in tensors.items() if not k.endswith(".alpha"))
     kind = {"auto": "lora" if mode.startswith("lora") else "diff"}.get(fmt, fmt)
@@ -151,6 +66,7 @@ def test_domainstudio_file_round_trips_through_stock_loader(comfy, sd15, loras_d
     else:  # truncated SVD: the reported error is the true weight-space error of the file
         rel = float(md["domainstudio.svd_rel_error"])
         assert md["domainstudio.svd_rank"] == "2" and 0 < rel < 1
+        # The delta output is the trained delta in the file's precision (fp32 here): exact.
         exact = {k: v.float() for k, v in delta.items()}
         approx = deltas.lora_to_diff({k: v.float() for k, v in tensors.items()})
         num = sum(((approx[k] - exact[k]) ** 2).sum() for k in exact) ** 0.5
@@ -160,20 +76,15 @@ def test_domainstudio_file_round_trips_through_stock_loader(comfy, sd15, loras_d
 
 
 def test_bad_save_name_is_refused_before_training(comfy, sd15, loras_dir):
-    from comfy import utils as comfy_utils
-
     model, clip, vae = sd15
     steps = []
-    comfy_utils.set_progress_bar_global_hook(lambda v, t, p, node_id=None: steps.append(v))
-    try:
+    with progress_hook(lambda v, t, p, node_id=None: steps.append(v)):
         for name, match in [("../evil", "path separator"), ("a/b", "path separator"), ("x:y", "not allowed")]:
             with pytest.raises(ValueError, match=match) as e:
-                _train(comfy, model, clip, vae, steps=2, save_name=name)
+                train_domainstudio(comfy, model, clip, vae, steps=2, save_name=name)
             assert "save_name" in str(e.value)
         with pytest.raises(ValueError, match="save_dtype|fp16"):
-            _train(comfy, model, clip, vae, steps=2, save_name="ok", save_dtype="fp8")
-    finally:
-        comfy_utils.set_progress_bar_global_hook(None)
+            train_domainstudio(comfy, model, clip, vae, steps=2, save_name="ok", save_dtype="fp8")
     assert steps == [] and os.listdir(loras_dir) == []
     assert not os.path.exists(os.path.join(os.path.dirname(loras_dir), "evil_00001.safetensors"))
 
@@ -181,75 +92,12 @@ def test_bad_save_name_is_refused_before_training(comfy, sd15, loras_dir):
 def test_saving_never_overwrites(comfy, sd15, loras_dir):
     model, clip, vae = sd15
     open(os.path.join(loras_dir, "same_00001.safetensors"), "wb").write(b"keep me")
-    *_, saved = _train(comfy, model, clip, vae, steps=2, save_name="same")
+    saved = train_domainstudio(comfy, model, clip, vae, steps=2, save_name="same")["saved_path"]
     assert os.path.basename(saved) == "same_00002.safetensors"
     assert open(os.path.join(loras_dir, "same_00001.safetensors"), "rb").read() == b"keep me"
 
 
-# --- synthetic deltas (large enough to compare hosts sharply) --------------------------------
-
-def synthetic_lora(comfy, model, mode="lora_all", rank=4, scale=0.05, seed=0, alpha=2.0):
-    host = comfy.pack("trainer.hosts.comfy")
-    deltas = comfy.pack("trainer.deltas")
-    dm = model.model.diffusion_model
-    g = torch.Generator().manual_seed(seed)
-    out = {}
-    for name in host.trainable_module_names(dm, mode):
-        w = dm.get_submodule(name).weight
-        out.update(deltas.lora_entries(name, torch.randn(w.shape[0], rank, generator=g) * scale,
-                                       torch.randn(rank, w[0].numel(), generator=g) * scale, alpha, tuple(w.shape)))
-    return out
-
-
-def save_synthetic(comfy, model, folder, name, kind="lora", family="sd1", dtype=torch.float32, fingerprint=None, **kw):
-    host = comfy.pack("trainer.hosts.comfy")
-    deltas = comfy.pack("trainer.deltas")
-    t = synthetic_lora(comfy, model, **kw)
-    if kind == "diff":
-        t = deltas.lora_to_diff(t)
-    md = deltas.build_metadata(kind=kind, family=family, title=name, method="test",
-                               fingerprint=host.fingerprint(model) if fingerprint is None else fingerprint)
-    return deltas.save_delta(os.path.join(folder, name + ".safetensors"), t, md, dtype=dtype)
-
-
 # --- A1111 key layout --------------------------------------------------------------------------
-
-def a1111_updates(model, tensors):
-    """Resolve a file's keys the way A1111's extensions-builtin/Lora (networks.load_network) does
-    for kohya ldm names, and compute each layer's weight update as its network_lora / network_full
-    modules do. network_layer_mapping = {module path with '_': module} over sd_model.model, whose
-    ldm layout (model.diffusion_model.<...>) ComfyUI's BaseModel shares. Returns {module: update}."""
-    mapping = {name.replace(".", "_"): m for name, m in model.model.named_modules()}
-    groups = {}
-    for key, w in tensors.items():
-        base, part = key.split(".", 1)  # A1111: key_network.split(".", 1)
-        # convert_diffusers_name_to_compvis leaves ldm names alone; then the documented fallback:
-        assert "lora_unet" in base, key
-        sd_key = base.replace("lora_unet", "diffusion_model")
-        assert sd_key in mapping, f"A1111 would not match {key} (looked for {sd_key})"
-        groups.setdefault(sd_key, {})[part] = w.float()
-    out = {}
-    for sd_key, w in groups.items():
-        module = mapping[sd_key]
-        target = module.weight.shape
-        if {"lora_up.weight", "lora_down.weight"} <= set(w):  # network_lora.ModuleTypeLora
-            up, down = w["lora_up.weight"], w["lora_down.weight"]
-            if isinstance(module, torch.nn.Conv2d):
-                assert down.ndim == 4 and tuple(down.shape[2:]) == tuple(module.kernel_size), sd_key
-                assert up.ndim == 4 and tuple(up.shape[2:]) == (1, 1), sd_key
-            else:
-                assert down.ndim == 2 and up.ndim == 2, sd_key
-            dim = down.shape[0]
-            alpha = float(w["alpha"]) if "alpha" in w else dim
-            upd = (up.reshape(up.shape[0], -1) @ down.reshape(dim, -1)).reshape(target) * (alpha / dim)
-        elif "diff" in w:  # network_full.ModuleTypeFull
-            upd = w["diff"]
-            assert upd.shape == target, sd_key
-        else:
-            raise AssertionError(f"A1111 has no module type for {sd_key}: {sorted(w)}")
-        out[sd_key.replace("diffusion_model_", "", 1)] = (module, upd)
-    return out
-
 
 @pytest.mark.parametrize("kind", ["lora", "diff"])
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])
@@ -257,7 +105,7 @@ def test_a1111_key_layout_resolves_and_matches_comfy(comfy, request, loras_dir, 
     model, clip, _ = request.getfixturevalue(family)
     path = save_synthetic(comfy, model, loras_dir, f"a1111_{family}_{kind}", kind=kind,
                           family="sd1" if family == "sd15" else "sdxl")
-    _, tensors = _meta(path)
+    _, tensors = read_file(path)
     updates = a1111_updates(model, tensors)
     assert len(updates) == len(comfy.pack("trainer.hosts.comfy").trainable_module_names(model.model.diffusion_model,
                                                                                           "lora_all"))
@@ -337,52 +185,86 @@ def test_load_node_reports_corrupt_files(comfy, sd15, loras_dir):
         _load_node(comfy, model, clip, "loras/../../secret.safetensors")
 
 
-# --- embeddings in ComfyUI --------------------------------------------------------------------
+def _write_raw(path, tensors, metadata=None):
+    """A safetensors file written as another tool would (our writers refuse non-finite values)."""
+    from safetensors.torch import save_file
 
-def _encode(comfy, clip, text):
-    return comfy.nodes.CLIPTextEncode().encode(clip, text)[0][0][0].float()
-
-
-def _vectors(n, dims, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return {k: torch.randn(n, d, generator=g) * 0.02 for k, d in dims.items()}
+    save_file({k: v.contiguous() for k, v in tensors.items()}, path, metadata=metadata)
+    return path
 
 
-def save_test_embedding(comfy, folder, name, vectors, family, model=None):
-    embeddings = comfy.pack("trainer.embeddings")
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_load_node_refuses_non_finite_values(comfy, sd15, loras_dir, embeddings_dir, bad):
+    model, clip, _ = sd15
+    t = synthetic_lora(comfy, model, mode="lora_attn")
+    key = sorted(k for k in t if k.endswith("lora_up.weight"))[1]
+    t[key] = t[key].clone()
+    t[key][0, 0] = bad
+    _write_raw(os.path.join(loras_dir, "broken.safetensors"), t)
+    with pytest.raises(ValueError, match=rf"broken.safetensors holds NaN or infinite values in 1 of {len(t)} tensors "
+                                         rf"\(first: {key}\)") as e:
+        _load_node(comfy, model, clip, "loras/broken.safetensors")
+    assert str(e.value).startswith("DomainStudio Load Weights:")
+    with pytest.raises(ValueError, match="NaN or infinite"):  # ignore_mismatch does not apply it either
+        _load_node(comfy, model, clip, "loras/broken.safetensors", ignore=True)
+    vec = random_vectors(2, {"clip_l": 768})
+    vec["clip_l"][1, 5] = bad
+    _write_raw(os.path.join(embeddings_dir, "badtok.safetensors"), vec)
+    with pytest.raises(ValueError, match="badtok.safetensors.*(NaN or infinite|non-finite)"):
+        _load_node(comfy, model, clip, "embeddings/badtok.safetensors")
+
+
+def test_load_node_reports_layers_of_the_wrong_shape_with_a_count(comfy, sd15, loras_dir):
     deltas = comfy.pack("trainer.deltas")
-    host = comfy.pack("trainer.hosts.comfy")
-    md = deltas.build_metadata(kind="embedding", family=family, title=name, method="test", trigger=name,
-                               fingerprint=host.fingerprint(model) if model is not None else "")
-    return embeddings.save_embedding(deltas.exact_path(folder, name, what="trigger"), vectors, md)
+    model, clip, _ = sd15
+    t = synthetic_lora(comfy, model, mode="lora_attn", scale=0.05)
+    downs = sorted(k for k in t if k.endswith("lora_down.weight"))
+    broken = downs[:3]
+    for k in broken:  # a LoRA made for a model whose layers take other input widths
+        t[k] = torch.randn(t[k].shape[0], t[k].shape[1] + 16) * 0.05
+    md = deltas.build_metadata(kind="lora", family="sd1", title="shapes", method="test")
+    deltas.save_delta(os.path.join(loras_dir, "shapes.safetensors"), t, md, dtype="fp32")
+    with pytest.raises(ValueError, match=rf"3 of {len(t)} weights in loras/shapes.safetensors have the wrong shape "
+                                         r"for their layer \(first: .*lora_down.weight \(\d+, \d+\) vs layer"):
+        _load_node(comfy, model, clip, "loras/shapes.safetensors")
+    # ignore_mismatch applies the layers that fit and says what it left out.
+    forced, _, info = _load_node(comfy, model, clip, "loras/shapes.safetensors", ignore=True)
+    assert "applied despite" in info and "3 of" in info
+    layers = {k.split(".")[0] for k in broken}
+    fitting = {k: v for k, v in t.items() if k.split(".")[0] not in layers}
+    deltas.save_delta(os.path.join(loras_dir, "fitting.safetensors"), fitting, md, dtype="fp32")
+    stock, _ = stock_load(comfy, model, clip, os.path.join(loras_dir, "fitting.safetensors"))
+    assert torch.equal(unet_out(forced), unet_out(stock))
 
+
+# --- embeddings in ComfyUI --------------------------------------------------------------------
 
 def test_sd1_embedding_resolves_by_name_in_stock_comfy_and_node(comfy, sd15, tiny_models, embeddings_dir):
     model, _, _ = sd15
-    save_test_embedding(comfy, embeddings_dir, "dstok", _vectors(2, {"clip_l": 768}), "sd1", model)
+    save_test_embedding(comfy, embeddings_dir, "dstok", random_vectors(2, {"clip_l": 768}), "sd1", model)
     # A CLIP loaded after the folder was registered lists it, as the stock loader does.
     _, clip, _ = comfy.nodes.CheckpointLoaderSimple().load_checkpoint(os.path.basename(tiny_models["sd15"]))[:3]
     tokens = clip.tokenize("a photo of embedding:dstok")["l"][0]
     spliced = [t for t, _ in tokens if isinstance(t, torch.Tensor)]
     assert len(spliced) == 2  # both vectors spliced in
-    with_emb = _encode(comfy, clip, "a photo of embedding:dstok")
-    plain = _encode(comfy, clip, "a photo of dstok")
+    with_emb = encode(comfy, clip, "a photo of embedding:dstok")
+    plain = encode(comfy, clip, "a photo of dstok")
     assert not torch.allclose(with_emb, plain)
     # The node gives the same conditioning through any CLIP, strength scales the vectors.
     _, sd15_clip, _ = sd15
     _, node_clip, info = _load_node(comfy, model, sd15_clip, "embeddings/dstok.safetensors")
     assert "embedding:dstok" in info
-    assert torch.allclose(_encode(comfy, node_clip, "a photo of embedding:dstok"), with_emb, atol=1e-5)
+    assert torch.allclose(encode(comfy, node_clip, "a photo of embedding:dstok"), with_emb, atol=1e-5)
     _, half_clip, _ = _load_node(comfy, model, sd15_clip, "embeddings/dstok.safetensors", strength_clip=0.5)
-    assert not torch.allclose(_encode(comfy, half_clip, "a photo of embedding:dstok"), with_emb, atol=1e-4)
-    assert torch.equal(_encode(comfy, sd15_clip, "a photo of dstok"), plain)  # the input CLIP is untouched
+    assert not torch.allclose(encode(comfy, half_clip, "a photo of embedding:dstok"), with_emb, atol=1e-4)
+    assert torch.equal(encode(comfy, sd15_clip, "a photo of dstok"), plain)  # the input CLIP is untouched
 
 
 def test_sdxl_embedding_resolves_in_comfy_and_wrong_architecture_is_refused(comfy, sd15, sdxl, embeddings_dir):
     import copy
 
     xl_model, xl_clip, _ = sdxl
-    vec = _vectors(1, {"clip_l": 768, "clip_g": 1280}, seed=3)
+    vec = random_vectors(1, {"clip_l": 768, "clip_g": 1280}, seed=3)
     save_test_embedding(comfy, embeddings_dir, "xltok", vec, "sdxl", xl_model)
     # Stock resolution: both of the SDXL tokenizers read their half of the file by key.
     stock = xl_clip.clone()
@@ -396,13 +278,14 @@ def test_sdxl_embedding_resolves_in_comfy_and_wrong_architecture_is_refused(comf
         (t,) = [t for t, _ in toks[key][0] if isinstance(t, torch.Tensor)]
         assert torch.allclose(t.float(), vec[half][0], atol=1e-4)
     _, node_clip, _ = _load_node(comfy, xl_model, xl_clip, "embeddings/xltok.safetensors")
-    assert torch.allclose(_encode(comfy, node_clip, "embedding:xltok house"),
-                          _encode(comfy, stock, "embedding:xltok house"), atol=1e-5)
+    assert torch.allclose(encode(comfy, node_clip, "embedding:xltok house"),
+                          encode(comfy, stock, "embedding:xltok house"), atol=1e-5)
     # An SDXL embedding on an SD1 CLIP / model, and an SD1 one on SDXL, are refused.
     model, clip, _ = sd15
-    with pytest.raises(ValueError, match=r"\['clip_g', 'clip_l'\].*text encoders are \['clip_l'\]"):
+    with pytest.raises(ValueError, match=r"xltok.safetensors holds vectors for .*clip_g.*clip_l.*\(sdxl\) but the "
+                                         r"CLIP's text encoders are \[\('clip_l', 768\)\]"):
         _load_node(comfy, model, clip, "embeddings/xltok.safetensors")
-    save_test_embedding(comfy, embeddings_dir, "sd1tok", _vectors(1, {"clip_l": 768}), "sd1", model)
+    save_test_embedding(comfy, embeddings_dir, "sd1tok", random_vectors(1, {"clip_l": 768}), "sd1", model)
     with pytest.raises(ValueError, match="text encoders are"):
         _load_node(comfy, xl_model, xl_clip, "embeddings/sd1tok.safetensors")
     with pytest.raises(ValueError, match="needs a CLIP"):
@@ -421,8 +304,8 @@ def test_text_encoder_lora_loads_in_comfy_without_warnings(comfy, sd15, loras_di
     md = deltas.build_metadata(kind="lora", family="sd1", title="te", method="test")
     path = deltas.save_delta(os.path.join(loras_dir, "te.safetensors"), t, md)
     _, te_clip = stock_load(comfy, model, clip, path, 0.0, 1.0)
-    assert not torch.allclose(_encode(comfy, te_clip, "a house"), _encode(comfy, clip, "a house"))
+    assert not torch.allclose(encode(comfy, te_clip, "a house"), encode(comfy, clip, "a house"))
     _, node_clip, _ = _load_node(comfy, model, clip, "loras/te.safetensors")
-    assert torch.equal(_encode(comfy, node_clip, "a house"), _encode(comfy, te_clip, "a house"))
+    assert torch.equal(encode(comfy, node_clip, "a house"), encode(comfy, te_clip, "a house"))
     with pytest.raises(deltas.WeightFileError, match="prefix"):
         deltas.kohya_te_name("sd1", "clip_g", "x")

@@ -1,5 +1,5 @@
 """Our files in diffusers: a tiny diffusers StableDiffusionPipeline built offline from the same tiny
-SD1.5 checkpoint (tests/diffusers_twin.py) loads the LoRA / SVD-LoRA files that DomainStudio Train
+SD1.5 checkpoint (testing/diffusers_twin.py) loads the LoRA / SVD-LoRA files that DomainStudio Train
 writes and the embeddings we save, through diffusers' own loaders, and its UNet / text-encoder
 outputs match ComfyUI's (stock LoraLoader, `embedding:NAME`) within fp32 tolerance.
 
@@ -13,19 +13,20 @@ import os
 import pytest
 import torch
 
-from test_domainstudio_comfy import _train
-from test_weight_files_comfy import (_encode, _vectors, embeddings_dir, loras_dir,  # noqa: F401
-                                     restore_weights, save_test_embedding, stock_load, synthetic_lora, unet_out)
+from comfyui_domainstudio.testing.comfy_helpers import (a1111_embedding_load, a1111_updates,
+                                                         diffusers_retrieve_embedding, encode, personalize,
+                                                         random_vectors, read_file, save_test_embedding, stock_load,
+                                                         synthetic_lora, train_domainstudio, unet_out)
 
-pytestmark = pytest.mark.comfy
+pytestmark = [pytest.mark.comfy, pytest.mark.usefixtures("unload_models")]
 
 TOL = 2e-4  # fp32 on both sides; different kernels (attention, conv) only
 
 
 @pytest.fixture(scope="module")
 def twin(comfy, tiny_models):
-    import tiny_models as tm
-    from diffusers_twin import build_sd15_twin
+    from comfyui_domainstudio.testing import tiny_models as tm
+    from comfyui_domainstudio.testing.diffusers_twin import build_sd15_twin
 
     return build_sd15_twin(tiny_models["sd15"], comfy.root, tm.sd15_unet_config())
 
@@ -91,17 +92,17 @@ def _close(a, b, what, tol=TOL):
 def test_twin_matches_comfy_without_lora(comfy, sd15, twin):
     model, clip, _ = sd15
     _close(comfy_unet_out(model), diffusers_unet_out(twin), "base UNet")
-    cond = _encode(comfy, clip, "a photo of a house")
+    cond = encode(comfy, clip, "a photo of a house")
     prompt_embeds = twin.encode_prompt("a photo of a house", "cpu", 1, False)[0].float()
     _close(cond, prompt_embeds.detach(), "base text encoder")
 
 
 @pytest.mark.parametrize("mode, fmt", [("lora_all", "auto"), ("full_attn", "svd_lora")])
-def test_trained_lora_file_loads_in_diffusers(comfy, sd15, twin, loras_dir, mode, fmt):  # noqa: F811
+def test_trained_lora_file_loads_in_diffusers(comfy, sd15, twin, loras_dir, mode, fmt):
     model, clip, vae = sd15
-    trained, _, _, saved = _train(comfy, model, clip, vae, steps=3, train_mode=mode, lora_rank=4, lora_alpha=4.0,
-                                  learning_rate=1e-2 if mode.startswith("lora") else 1e-3, save_name=f"dif_{mode}",
-                                  save_format=fmt, save_dtype="fp32", svd_rank=8)
+    saved = train_domainstudio(comfy, model, clip, vae, steps=3, train_mode=mode, lora_rank=4, lora_alpha=4.0,
+                               learning_rate=1e-2 if mode.startswith("lora") else 1e-3, save_name=f"dif_{mode}",
+                               save_format=fmt, save_dtype="fp32", svd_rank=8)["saved_path"]
     stock, _ = stock_load(comfy, model, clip, saved)
     base = diffusers_unet_out(twin)
     ours = comfy_unet_out(stock)
@@ -116,7 +117,7 @@ def test_trained_lora_file_loads_in_diffusers(comfy, sd15, twin, loras_dir, mode
     _close(diffusers_unet_out(twin), base, "after unload")
 
 
-def test_lora_all_layers_strength_matches_diffusers_scale(comfy, sd15, twin, loras_dir):  # noqa: F811
+def test_lora_all_layers_strength_matches_diffusers_scale(comfy, sd15, twin, loras_dir):
     deltas = comfy.pack("trainer.deltas")
     model, clip, _ = sd15
     t = synthetic_lora(comfy, model, mode="lora_all", rank=4, scale=0.05, alpha=2.0)
@@ -131,17 +132,17 @@ def test_lora_all_layers_strength_matches_diffusers_scale(comfy, sd15, twin, lor
     _close(comfy_unet_out(half), got, "synthetic lora_all at strength 0.5")
 
 
-def test_embedding_and_lora_together_match_diffusers(comfy, sd15, twin, tiny_models, loras_dir, embeddings_dir):  # noqa: F811
+def test_embedding_and_lora_together_match_diffusers(comfy, sd15, twin, tiny_models, loras_dir, embeddings_dir):
     deltas = comfy.pack("trainer.deltas")
     model, _, _ = sd15
-    vec = _vectors(2, {"clip_l": 768}, seed=5)
+    vec = random_vectors(2, {"clip_l": 768}, seed=5)
     vec["clip_l"] = vec["clip_l"] * 25  # well away from any real token
     emb_path = save_test_embedding(comfy, embeddings_dir, "dsobj", vec, "sd1", model)
     lora_path = deltas.save_delta(os.path.join(loras_dir, "attn.safetensors"),
                                   synthetic_lora(comfy, model, mode="lora_attn", scale=0.08), {}, dtype="fp32")
     # ComfyUI: stock checkpoint CLIP (lists models/embeddings) + `embedding:NAME`, stock LoraLoader.
     _, clip, _ = comfy.nodes.CheckpointLoaderSimple().load_checkpoint(os.path.basename(tiny_models["sd15"]))[:3]
-    cond = _encode(comfy, clip, "a photo of embedding:dsobj on a table")
+    cond = encode(comfy, clip, "a photo of embedding:dsobj on a table")
     stock, _ = stock_load(comfy, model, clip, lora_path)
     ours = comfy_unet_out(stock, cond.expand(2, -1, -1))
     # diffusers: load_textual_inversion (token = the file name, as in ComfyUI and A1111) + LoRA.
@@ -161,7 +162,7 @@ def test_embedding_and_lora_together_match_diffusers(comfy, sd15, twin, tiny_mod
     _close(ours, got, "UNet with LoRA on the embedding's conditioning")
 
 
-def test_text_encoder_lora_matches_diffusers(comfy, sd15, twin, loras_dir):  # noqa: F811
+def test_text_encoder_lora_matches_diffusers(comfy, sd15, twin, loras_dir):
     deltas = comfy.pack("trainer.deltas")
     model, clip, _ = sd15
     g = torch.Generator().manual_seed(0)
@@ -174,8 +175,8 @@ def test_text_encoder_lora_matches_diffusers(comfy, sd15, twin, loras_dir):  # n
                                             torch.randn(4, 768, generator=g) * 0.1, 2.0))
     path = deltas.save_delta(os.path.join(loras_dir, "te.safetensors"), t, {}, dtype="fp32")
     _, te_clip = stock_load(comfy, model, clip, path, 0.0, 1.0)
-    cond = _encode(comfy, te_clip, "a photo of a house")
-    assert (cond - _encode(comfy, clip, "a photo of a house")).abs().max() > 1e-3
+    cond = encode(comfy, te_clip, "a photo of a house")
+    assert (cond - encode(comfy, clip, "a photo of a house")).abs().max() > 1e-3
     try:
         load_lora_in_diffusers(twin, path, "te")
         got = twin.encode_prompt("a photo of a house", "cpu", 1, False)[0].float().detach()
@@ -186,14 +187,14 @@ def test_text_encoder_lora_matches_diffusers(comfy, sd15, twin, loras_dir):  # n
     _close(cond, got, "text-encoder LoRA", tol=1e-3)
 
 
-def test_sdxl_embedding_halves_load_with_diffusers_sdxl_recipe(comfy, sdxl, twin, embeddings_dir):  # noqa: F811
+def test_sdxl_embedding_halves_load_with_diffusers_sdxl_recipe(comfy, sdxl, twin, embeddings_dir):
     """diffusers' documented SDXL recipe: state_dict['clip_l'] into text_encoder, ['clip_g'] into
     text_encoder_2 (here: 1-layer transformers CLIP models of the SDXL widths)."""
     from safetensors.torch import load_file
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     xl_model, _, _ = sdxl
-    vec = _vectors(2, {"clip_l": 768, "clip_g": 1280}, seed=9)
+    vec = random_vectors(2, {"clip_l": 768, "clip_g": 1280}, seed=9)
     path = save_test_embedding(comfy, embeddings_dir, "xlobj", vec, "sdxl", xl_model)
     state_dict = load_file(path)
     tok_dir = os.path.join(comfy.root, "comfy", "sd1_tokenizer")
@@ -217,23 +218,19 @@ def test_sdxl_embedding_halves_load_with_diffusers_sdxl_recipe(comfy, sdxl, twin
         assert torch.allclose(rows, vec[half], atol=1e-3), half
 
 
-def test_personalize_files_load_in_comfy_diffusers_and_a1111(comfy, sd15, twin, tiny_models, loras_dir,  # noqa: F811
+def test_personalize_files_load_in_comfy_diffusers_and_a1111(comfy, sd15, twin, tiny_models, loras_dir,
                                                              embeddings_dir):
     """The Personalize node's own files (rare_token: embedding + UNet LoRA, fp16 as saved): a fresh
     stock ComfyUI CLIP (`embedding:NAME`) + stock LoraLoader, diffusers (load_textual_inversion +
     load_lora_weights) and A1111's key resolution all give the same model."""
-    from test_personalize_node import _run
-    from test_weight_files import _a1111_load, _diffusers_retrieve
-    from test_weight_files_comfy import _meta, a1111_updates
-
     model, clip, vae = sd15
-    saved = _run(comfy, model, clip, vae, new_token="dspers", ti_steps=3, unet_steps=3, save_name="pers",
-                 unet_learning_rate=1e-2)[5].splitlines()
+    saved = personalize(comfy, model, clip, vae, new_token="dspers", ti_steps=3, unet_steps=3, save_name="pers",
+                        unet_learning_rate=1e-2)["saved"].splitlines()
     emb = next(p for p in saved if os.path.dirname(p) == embeddings_dir)
     lora = next(p for p in saved if os.path.dirname(p) == loras_dir)
     # ComfyUI, from the files alone.
     _, fresh_clip, _ = comfy.nodes.CheckpointLoaderSimple().load_checkpoint(os.path.basename(tiny_models["sd15"]))[:3]
-    cond = _encode(comfy, fresh_clip, "a photo of embedding:dspers dog")
+    cond = encode(comfy, fresh_clip, "a photo of embedding:dspers dog")
     stock, _ = stock_load(comfy, model, fresh_clip, lora)
     ours = comfy_unet_out(stock, cond.expand(2, -1, -1))
     assert (ours - comfy_unet_out(model, cond.expand(2, -1, -1))).abs().max() > 1e-4, "the LoRA changes the UNet"
@@ -251,7 +248,8 @@ def test_personalize_files_load_in_comfy_diffusers_and_a1111(comfy, sd15, twin, 
         twin.unload_textual_inversion()
     _close(ours, got, "personalized UNet")
     # A1111: the embedding is a one-tensor dict; every LoRA key resolves to a module with ComfyUI's update.
-    assert _a1111_load(emb)["vec"].shape == (1, 768) and _diffusers_retrieve(emb, "dspers")[0] == "dspers"
-    _, tensors = _meta(lora)
+    assert a1111_embedding_load(emb)["vec"].shape == (1, 768)
+    assert diffusers_retrieve_embedding(emb, "dspers")[0] == "dspers"
+    _, tensors = read_file(lora)
     updates = a1111_updates(model, tensors)
     assert len(updates) == len({k.split(".")[0] for k in tensors})

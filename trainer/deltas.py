@@ -166,33 +166,70 @@ def exact_path(folder: str, stem: str, ext: str = ".safetensors", overwrite: boo
     return p
 
 
+TEMP_MARK = ".dstmp-"  # temporary files: hidden, and an extension no model list shows
+
+
 def atomic_write(path: str, write: Callable[[str], None], overwrite: bool = False) -> str:
     """Call write(tmp) on a temporary file beside `path`, then move it to `path` in one step.
-    Nothing is left behind when `write` fails; an existing `path` is refused unless overwrite."""
+
+    The temporary file is hidden and has no model extension (`.<name>.dstmp-XXXX`), so ComfyUI's
+    and A1111's model lists never show a half-written file; `remove_stale_temp_files` clears the
+    ones a crash leaves. Nothing is left behind when `write` fails; an existing `path` is refused
+    unless overwrite. The file gets the usual permissions (0666 minus the umask)."""
     path = os.path.abspath(path)
     folder = os.path.dirname(path)
     if not overwrite and os.path.exists(path):
-        raise WeightFileError(f"{path} already exists; not overwritten (choose another name)")
+        raise WeightFileError(f"{os.path.basename(path)} already exists; not overwritten (choose another name)")
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.splitext(path)[1], dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + TEMP_MARK, dir=folder)
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
         if overwrite:
             os.replace(tmp, path)
         else:
             try:  # link() fails if `path` appeared meanwhile: never clobbers
                 os.link(tmp, path)
             except FileExistsError:
-                raise WeightFileError(f"{path} already exists; not overwritten (choose another name)") from None
+                raise WeightFileError(f"{os.path.basename(path)} already exists; not overwritten (choose another name)") from None
             except OSError:  # file systems without hard links
                 if os.path.exists(path):
-                    raise WeightFileError(f"{path} already exists; not overwritten (choose another name)") from None
+                    raise WeightFileError(f"{os.path.basename(path)} already exists; not overwritten (choose another name)") from None
                 os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def remove_stale_temp_files(folders, min_age_s: float = 0.0) -> list[str]:
+    """Delete temporary files atomic_write left in `folders` (a crash mid-save); returns them."""
+    import time
+
+    removed = []
+    now = time.time()
+    for folder in folders:
+        try:
+            names = os.listdir(folder)
+        except OSError:
+            continue
+        for name in names:
+            if name.startswith(".") and TEMP_MARK in name:
+                p = os.path.join(folder, name)
+                try:
+                    if os.path.isfile(p) and now - os.path.getmtime(p) >= min_age_s:
+                        os.unlink(p)
+                        removed.append(p)
+                except OSError:
+                    pass
+    return removed
 
 
 # ---------------------------------------------------------------------------------------------
@@ -361,34 +398,44 @@ def save_delta(path: str, tensors: dict[str, torch.Tensor], metadata: dict[str, 
     return atomic_write(path, lambda tmp: safetensors.torch.save_file(out, tmp, metadata=md), overwrite=overwrite)
 
 
-def read_weight_file(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def read_weight_file(path: str, name: str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """(tensors, metadata) of a .safetensors file, or of a .pt/.bin/.ckpt through
     torch.load(weights_only=True) (never unpickles code; metadata is then empty). Truncated or
-    corrupt files raise WeightFileError naming the file."""
+    corrupt files raise WeightFileError naming the file as `name` (default: its base name; never
+    the server path)."""
+    name = name or os.path.basename(path)
     if not os.path.isfile(path):
-        raise WeightFileError(f"{path}: no such file")
+        raise WeightFileError(f"{name}: no such file")
     ext = os.path.splitext(path)[1].lower()
     if ext in (".safetensors", ".sft"):
-        from safetensors import safe_open
-
-        try:
-            with safe_open(path, "pt", device="cpu") as f:
-                md = dict(f.metadata() or {})
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
-        except Exception as e:  # safetensors raises its own SafetensorError / OSError types
-            raise WeightFileError(f"{path} is not a readable safetensors file (truncated or corrupt?): {e}") from None
-        return tensors, md
+        return read_weight_file_any(path, name)
     if ext in (".pt", ".bin", ".ckpt", ".pth"):
-        return _torch_load_safe(path), {}
-    raise WeightFileError(f"{path}: unsupported extension {ext!r}; use .safetensors (or .pt/.bin)")
+        return _torch_load_safe(path, name), {}
+    raise WeightFileError(f"{name}: unsupported extension {ext!r}; use .safetensors (or .pt/.bin)")
 
 
-def _torch_load_safe(path: str):
+def read_weight_file_any(path: str, name: str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata) of a safetensors file whatever its extension (.dsstate sidecars)."""
+    from safetensors import safe_open
+
+    name = name or os.path.basename(path)
+    try:
+        with safe_open(path, "pt", device="cpu") as f:
+            md = dict(f.metadata() or {})
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own SafetensorError / OSError types
+        raise WeightFileError(f"{name} is not a readable safetensors file (truncated or corrupt?): "
+                              f"{type(e).__name__}") from None
+    return tensors, md
+
+
+def _torch_load_safe(path: str, name: str | None = None):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise WeightFileError(f"{path} could not be read with torch.load(weights_only=True) (truncated, corrupt, or it "
-                              f"holds pickled objects other than tensors, which are never unpickled here): "
+        raise WeightFileError(f"{name or os.path.basename(path)} could not be read with torch.load(weights_only=True) "
+                              f"(truncated, corrupt, or it holds pickled objects other than tensors, which are never "
+                              f"unpickled here): "
                               f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
 
 

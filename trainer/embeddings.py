@@ -26,12 +26,16 @@ import torch
 
 from .deltas import WeightFileError, _torch_load_safe, atomic_write, dtype_name, resolve_dtype
 
-# encoder key -> width of its token embeddings
+# Encoder key -> width of its token embeddings in the standard architectures. Only a fallback for
+# reading files whose single tensor names no encoder; writing checks against the loaded model's own
+# widths (`widths`), so a model with a 256-wide text encoder saves 256-wide vectors.
 ENCODER_DIMS = {"clip_l": 768, "clip_g": 1280, "clip_h": 1024}
 _VALID_SETS = ({"clip_l"}, {"clip_l", "clip_g"}, {"clip_h"})
 
 
-def _check_vectors(vectors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _check_vectors(vectors: dict[str, torch.Tensor], widths: dict[str, int] | None = None) -> dict[str, torch.Tensor]:
+    """Normalise and check {'clip_l': [n, d], ...}. `widths` (from the loaded model) fixes the
+    expected width per encoder; without it any width is accepted."""
     if not isinstance(vectors, dict) or set(vectors) not in _VALID_SETS:
         got = sorted(vectors) if isinstance(vectors, dict) else type(vectors).__name__
         raise WeightFileError(f"embedding vectors must have keys 'clip_l' (SD1), 'clip_l'+'clip_g' (SDXL) or 'clip_h' "
@@ -43,27 +47,29 @@ def _check_vectors(vectors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             raise WeightFileError(f"embedding vectors[{k!r}] must be a floating tensor")
         if v.ndim == 1:
             v = v.unsqueeze(0)
-        if v.ndim != 2 or v.shape[1] != ENCODER_DIMS[k] or v.shape[0] < 1:
-            raise WeightFileError(f"embedding vectors[{k!r}] has shape {tuple(v.shape)}; expected [n, {ENCODER_DIMS[k]}]")
+        want = (widths or {}).get(k)
+        if v.ndim != 2 or v.shape[0] < 1 or (want is not None and v.shape[1] != want):
+            raise WeightFileError(f"embedding vectors[{k!r}] has shape {tuple(v.shape)}; this model's {k} expects "
+                                  f"[n, {want if want is not None else 'width'}]")
         if n is not None and v.shape[0] != n:
             raise WeightFileError(f"embedding halves differ in token count ({n} vs {v.shape[0]}); both need the same n")
         n = v.shape[0]
         if not torch.isfinite(v).all():
-            raise WeightFileError(f"embedding vectors[{k!r}] has non-finite values; not written")
+            raise WeightFileError(f"embedding vectors[{k!r}] has non-finite (NaN or infinite) values")
         out[k] = v
     return out
 
 
 def save_embedding(path: str, vectors: dict[str, torch.Tensor], metadata: dict[str, str],
-                   dtype=torch.float16, overwrite: bool = False) -> str:
+                   dtype=torch.float16, overwrite: bool = False, widths: dict[str, int] | None = None) -> str:
     """Write an embedding atomically; returns the path.
 
     vectors: {"clip_l": [n, 768]} (SD1), {"clip_l": [n, 768], "clip_g": [n, 1280]} (SDXL) or
     {"clip_h": [n, 1024]} (SD2). The format follows the extension: `.safetensors` (default,
     loads everywhere, carries `metadata`) or `.pt` (A1111 `string_to_param` for one encoder,
     the clip_l/clip_g dict for SDXL; metadata keeps only name/step). Refuses an existing file
-    unless overwrite."""
-    vectors = _check_vectors(vectors)
+    unless overwrite. `widths`: the loaded model's encoder widths, checked when given."""
+    vectors = _check_vectors(vectors, widths)
     dtype = resolve_dtype(dtype)
     out = {k: v.detach().to("cpu", dtype).contiguous() for k, v in vectors.items()}
     if not all(torch.isfinite(v).all() for v in out.values()):
@@ -88,11 +94,14 @@ def save_embedding(path: str, vectors: dict[str, torch.Tensor], metadata: dict[s
     raise WeightFileError(f"{path}: embeddings are saved as .safetensors (recommended) or .pt, not {ext!r}")
 
 
-def _by_width(t: torch.Tensor, where: str) -> dict[str, torch.Tensor]:
+def _by_width(t: torch.Tensor, where: str, widths: dict[str, int] | None = None) -> dict[str, torch.Tensor]:
     if t.ndim == 1:
         t = t.unsqueeze(0)
     if t.ndim == 3 and t.shape[0] == 1:
         t = t[0]
+    for k, dim in (widths or {}).items():  # the loaded model's encoders first
+        if t.ndim == 2 and t.shape[1] == dim:
+            return {k: t}
     for k, dim in ENCODER_DIMS.items():
         if t.ndim == 2 and t.shape[1] == dim:
             return {k: t}
@@ -100,7 +109,7 @@ def _by_width(t: torch.Tensor, where: str) -> dict[str, torch.Tensor]:
                           f"(widths {', '.join(f'{k} {d}' for k, d in ENCODER_DIMS.items())})")
 
 
-def vectors_from_data(data, where: str = "embedding") -> dict[str, torch.Tensor]:
+def vectors_from_data(data, where: str = "embedding", widths: dict[str, int] | None = None) -> dict[str, torch.Tensor]:
     """Normalise the contents of an embedding file to {'clip_l'|'clip_g'|'clip_h': [n, dim]}."""
     if not isinstance(data, dict):
         raise WeightFileError(f"{where}: not an embedding (expected a dict of tensors, got {type(data).__name__})")
@@ -108,18 +117,23 @@ def vectors_from_data(data, where: str = "embedding") -> dict[str, torch.Tensor]
         params = data["string_to_param"]
         if not isinstance(params, dict) or not params:
             raise WeightFileError(f"{where}: 'string_to_param' holds no tensor")
-        return _by_width(next(iter(params.values())), where)
+        return _by_width(next(iter(params.values())), where, widths)
     if any(k in data for k in ENCODER_DIMS):  # ComfyUI / A1111 SDXL layout (and ours)
         out = {k: (v.unsqueeze(0) if v.ndim == 1 else v) for k, v in data.items() if k in ENCODER_DIMS}
         for k, v in out.items():
-            if v.ndim != 2 or v.shape[1] != ENCODER_DIMS[k]:
-                raise WeightFileError(f"{where}: {k!r} has shape {tuple(v.shape)}; expected [n, {ENCODER_DIMS[k]}]")
-        return _check_vectors(out) if set(out) in _VALID_SETS else out
+            if v.ndim != 2:
+                raise WeightFileError(f"{where}: {k!r} has shape {tuple(v.shape)}; expected [n, width]")
+        if set(out) not in _VALID_SETS:
+            return out
+        try:
+            return _check_vectors(out)
+        except WeightFileError as e:  # name the file being read
+            raise WeightFileError(f"{where}: {e}") from None
     if "emb_params" in data:  # kohya
-        return _by_width(data["emb_params"], where)
+        return _by_width(data["emb_params"], where, widths)
     tensors = {k: v for k, v in data.items() if isinstance(v, torch.Tensor)}
     if len(tensors) == 1:  # diffusers {token: tensor}, or any single-tensor dict
-        return _by_width(next(iter(tensors.values())), where)
+        return _by_width(next(iter(tensors.values())), where, widths)
     raise WeightFileError(f"{where}: unrecognised embedding layout (keys {sorted(map(str, data))[:6]}); expected "
                           "clip_l/clip_g, string_to_param, emb_params or a single tensor")
 
@@ -130,20 +144,24 @@ def load_embedding(path: str) -> dict[str, torch.Tensor]:
     return {k: v.float() for k, v in read_embedding(path)[0].items()}
 
 
-def read_embedding(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """(vectors, metadata) — metadata is empty for .pt/.bin files."""
+def read_embedding(path: str, widths: dict[str, int] | None = None,
+                   name: str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(vectors, metadata) — metadata is empty for .pt/.bin files. `widths` (the loaded model's
+    encoder widths) resolves single-tensor layouts of non-standard widths. Errors name the file as
+    `name` (default: its base name; never the server path)."""
+    name = name or os.path.basename(path)
     if not os.path.isfile(path):
-        raise WeightFileError(f"{path}: no such embedding file")
+        raise WeightFileError(f"{name}: no such embedding file")
     ext = os.path.splitext(path)[1].lower()
     if ext == ".safetensors":
         from .deltas import read_weight_file
 
-        data, md = read_weight_file(path)
+        data, md = read_weight_file(path, name)
     elif ext in (".pt", ".bin"):
-        data, md = _torch_load_safe(path), {}
+        data, md = _torch_load_safe(path, name), {}
     else:
-        raise WeightFileError(f"{path}: unsupported embedding extension {ext!r}; use .safetensors, .pt or .bin")
-    return vectors_from_data(data, path), md
+        raise WeightFileError(f"{name}: unsupported embedding extension {ext!r}; use .safetensors, .pt or .bin")
+    return vectors_from_data(data, name, widths), md
 
 
 def family_of(vectors: dict[str, torch.Tensor]) -> str:

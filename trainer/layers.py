@@ -4,7 +4,7 @@ one rule selects the same weights in each (tests compare the two selections)."""
 
 from __future__ import annotations
 
-from .domainstudio import TrainingError
+from .errors import TrainingError
 
 TRAIN_MODES = ("lora_attn", "lora_all", "full_attn", "full_all")
 ATTN_LEAVES = ("to_q", "to_k", "to_v", "to_out.0")

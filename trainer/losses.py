@@ -9,6 +9,7 @@ One paper equation per function:
 * ``relative_distance_kl``       L_img  (relative-distance preservation)
 * ``high_frequency_kl``          L_hf   (L_img applied to the high-frequency bands)
 * ``high_frequency_mse``         L_hfmse (paired high-frequency reconstruction)
+* ``denoising_loss_x0``          L_simple, the model's native loss written through x0
 
 Pure torch; everything is differentiable and device-agnostic.
 """
@@ -27,6 +28,7 @@ __all__ = [
     "relative_distance_kl",
     "high_frequency_kl",
     "high_frequency_mse",
+    "denoising_loss_x0",
 ]
 
 _REDUCTIONS = ("mean", "batchmean", "sum")
@@ -192,3 +194,27 @@ def high_frequency_mse(adapted_x0: Tensor, target_x0: Tensor) -> Tensor:
     hf_a = high_frequency(adapted_x0.float())
     hf_t = high_frequency(target_x0.detach().float())
     return F.mse_loss(hf_a, hf_t, reduction="mean")
+
+
+def denoising_loss_x0(x0_pred: Tensor, x0: Tensor, sigma: Tensor, prediction: str = "eps",
+                      sigma_data: float = 1.0) -> Tensor:
+    """The model's own training loss (L_simple), written through its x0 prediction.
+
+    A diffusion model predicts F (eps, or v) and the host turns it into x0 = c_skip·x_t + c_out·F.
+    With the target F* that gives the true x0, ``||F - F*||² = ||x0_pred - x0||² / c_out²``, so
+    the native loss can be computed from x0 alone, whatever the parameterisation:
+
+    * eps (and rectified flow):  c_out = -sigma                       -> divide by sigma²
+    * v-prediction:              c_out = sigma·sd / sqrt(sigma² + sd²)  -> divide by c_out²
+
+    ``sigma`` is [N] (one noise level per sample), ``sd`` the model's sigma_data (1 for SD's
+    discrete schedules). Mean over all elements, in float32."""
+    if prediction not in ("eps", "v"):
+        raise ValueError(f"prediction must be 'eps' or 'v', got {prediction!r}")
+    s = sigma.float().to(x0_pred.device).view(-1, *([1] * (x0.ndim - 1)))
+    if prediction == "v":
+        sd = float(sigma_data)
+        c_out2 = (s * sd) ** 2 / (s**2 + sd**2)
+    else:
+        c_out2 = s**2
+    return (((x0_pred.float() - x0.float()) ** 2) / c_out2).mean()

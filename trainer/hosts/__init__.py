@@ -1,1 +1,2 @@
-"""Host adapters: the only place trainer/ may import a host (ComfyUI, diffusers)."""
+"""Model hosts (trainer/host.py's contract): comfy.py (+ comfy_compat.py, the one place for
+ComfyUI internals, and comfy_files.py for applying saved files) and diffusers.py."""

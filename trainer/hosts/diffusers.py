@@ -1,14 +1,14 @@
-"""diffusers host adapter: the DomainStudio core (trainer/domainstudio.py) over diffusers models,
-with no ComfyUI import anywhere (issue #6). Used by `python -m dstrain --host diffusers`.
+"""The diffusers host: trainer.host.Host over diffusers models, with no ComfyUI import anywhere.
+Used by `python -m dstrain --host diffusers`.
 
 Models: a diffusers SD folder (unet/ UNet2DConditionModel, text_encoder/ CLIPTextModel, tokenizer/,
 vae/ AutoencoderKL or AutoencoderTiny, scheduler/ config), SD1.x / SD2.x, eps or v_prediction.
 SDXL (two text encoders, added conditioning) is not supported by this host yet.
 
-Sigma space (the same convention as trainer/hosts/comfy.py, i.e. k-diffusion's): from the DDPM
-schedule, sigma_t = sqrt((1 - alphas_cumprod_t) / alphas_cumprod_t); x_t = x0 + sigma * noise; the
-UNet sees x_t / sqrt(sigma^2 + 1) (the DDPM-scaled sample) at the timestep whose log sigma is nearest
-(as ComfyUI's discrete model sampling does); x0 = x_t - sigma * eps (eps) or
+Sigma space (the same convention as the ComfyUI host, i.e. k-diffusion's): from the DDPM schedule,
+sigma_t = sqrt((1 - alphas_cumprod_t) / alphas_cumprod_t); x_t = x0 + sigma * noise; the UNet sees
+x_t / sqrt(sigma^2 + 1) (the DDPM-scaled sample) at the timestep whose log sigma is nearest (as
+ComfyUI's discrete model sampling does); x0 = x_t - sigma * eps (eps) or
 x_t / (sigma^2 + 1) - v * sigma / sqrt(sigma^2 + 1) (v_prediction). Training sigmas are drawn
 uniform in timestep (log-sigma interpolated, ComfyUI's percent_to_sigma). Latents are in model space:
 VAE latents (posterior mode for AutoencoderKL) times vae.config.scaling_factor.
@@ -18,50 +18,46 @@ forward replaced on the instance (no module swapped, state_dict keys unchanged) 
 LoRA branch (up(down(x)) * alpha / rank, `up` zero-initialised) or uses W + diff (full delta) while
 the shared switch is on, and calls the untouched original forward while it is off, so
 `adapted=False` is exactly the frozen source model with the same weights. Source weights are never
-written (requires_grad off); `AttachedDelta.detach()` restores the original forwards.
-Module selection follows trainer/hosts/comfy.trainable_module_names: `*_attn` = to_q/to_k/to_v/
-to_out.0 of attn1/attn2, `*_all` = every Linear/Conv2d weight of the UNet.
+written (requires_grad off); `release()` restores the original forwards. Module selection is
+trainer/layers.py's rule, shared with the ComfyUI host.
 
 Files: kohya names built from the *diffusers* module paths,
 `lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight` /
-`.lora_up.weight` / `.alpha` (conv factors 4-D), and `lora_unet_<path>.diff` for full deltas, with
-the nodes' metadata (trainer/deltas.build_metadata) and atomic, never-overwriting writes
-(trainer/deltas.save_delta). ComfyUI's stock LoRA loader maps these names through its
-diffusers->ldm key map (comfy.lora.model_lora_keys_unet), diffusers' `load_lora_weights` reads
-them natively (no unet_config needed) and A1111/Forge map kohya diffusers-path names too. The
-nodes' files use ldm paths instead; both name the same weights. The base-model fingerprint is
-computed over the ldm names (`ldm_unet_state`), so it equals the ComfyUI host's for the same
-checkpoint and the Load Weights node's check accepts these files.
+`.lora_up.weight` / `.alpha` (conv factors 4-D), and `lora_unet_<path>.diff` for full deltas.
+ComfyUI's stock LoRA loader maps these names through its diffusers->ldm key map, diffusers'
+`load_lora_weights` reads them natively and A1111/Forge map kohya diffusers-path names too. The
+base-model fingerprint is computed over the ldm names (`ldm_unet_state`), so it equals the ComfyUI
+host's for the same checkpoint and the Load Weights node accepts these files.
 
-Personalization (trainer/personalize.py, every method): the new token is added to a *copy* of the
-tokenizer (`tok`, `tok_1`, ... for several vectors, diffusers' convention) and its trainable vectors
-are spliced into the text encoder's input embedding (`SplicedEmbedding`); the vocabulary matrix
-and every other text-encoder weight stay untouched, so only the new row(s) learn. Embeddings are
-saved with trainer/embeddings.py (`{"clip_l": [n, 768]}` SD1, `{"clip_h": [n, 1024]}` SD2), which
-diffusers' `load_textual_inversion(file, token=<trigger>)` reads.
+Personalization: the new token is added to a *copy* of the tokenizer (`tok`, `tok_1`, ... for several
+vectors, diffusers' convention) and its vectors are spliced into the text encoder's input embedding
+(`SplicedEmbedding`); the vocabulary matrix and every other text-encoder weight stay untouched.
+Widths come from the loaded text encoder (a 256-wide miniature encoder saves 256-wide vectors).
 
-Sampling (before/after grids, class images): Euler with ComfyUI's 'normal' schedule and CFG; with
-the adapter off it reproduces ComfyUI's KSampler (euler/normal) on the same checkpoint and seed.
+Sampling (previews, class images, before/after grids): Euler with ComfyUI's 'normal' schedule and
+CFG; with the adapter off it reproduces ComfyUI's KSampler (euler/normal) on the same checkpoint.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import json
 import math
 import os
 import types
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 
-from .. import deltas, layers
-from ..domainstudio import DomainStudioConfig, TrainResult, TrainingError, train_domainstudio
+from .. import deltas, layers, losses
+from ..errors import TrainingError
+from ..host import Adapter, AdapterSwitch, Exported, Host, LayerDelta, SessionNeeds, Token
 
 TRAIN_MODES = layers.TRAIN_MODES
-SAVE_DTYPE = torch.float16
-
+EMBEDDING_KEYS = {"sd1": "clip_l", "sd2": "clip_h"}
 
 # ---------------------------------------------------------------------------------------------
 # Noise schedule
@@ -130,14 +126,7 @@ class Schedule:
 # Switchable trainable deltas
 # ---------------------------------------------------------------------------------------------
 
-class AdapterSwitch:
-    """Shared on/off flag read by every trainable layer of one run."""
-
-    def __init__(self):
-        self.enabled = True
-
-
-class LayerDelta(torch.nn.Module):
+class DiffLayer(torch.nn.Module):
     """Trainable delta of one Linear/Conv2d: LoRA factors (down [r, in(, kh, kw)], up [out, r])
     or a full `diff` of the weight's shape. Holds no reference to the frozen weight."""
 
@@ -167,7 +156,7 @@ class LayerDelta(torch.nn.Module):
         return F.linear(F.linear(x, self.down.to(x.dtype)), self.up.to(x.dtype)) * scale
 
 
-def _make_forward(layer, delta: LayerDelta, switch: AdapterSwitch, original):
+def _make_forward(layer, delta: DiffLayer, switch: AdapterSwitch, original):
     if delta.lora:
         def forward(x):
             out = original(x)
@@ -198,50 +187,32 @@ def trainable_module_names(unet: torch.nn.Module, mode: str) -> list[str]:
 
 
 @dataclass
-class AttachedDelta:
-    switch: AdapterSwitch
-    deltas: dict[str, LayerDelta]  # UNet-relative module path -> delta
-    layers: dict[str, torch.nn.Module]
-    mode: str
-    rank: int
-    alpha: float
-    forwards: dict = None  # module path -> the switched forward installed on the layer
+class DiffusersAdapter(Adapter):
+    def __init__(self, switch: AdapterSwitch, found: dict[str, DiffLayer], layers_: dict[str, torch.nn.Module],
+                 mode: str, rank: int, alpha: float):
+        self.switch, self.deltas, self.modules = switch, found, layers_
+        self.mode, self.rank, self.alpha = mode, rank, alpha
+
+    def layers(self) -> list[LayerDelta]:
+        out = []
+        for name, d in self.deltas.items():
+            if d.lora:
+                out.append(LayerDelta(name, d.weight_shape, up=d.up, down=d.down, alpha=d.alpha))
+            else:
+                out.append(LayerDelta(name, d.weight_shape, diff=d.diff))
+        return out
 
     def parameters(self) -> list[torch.Tensor]:
         return [p for d in self.deltas.values() for p in d.parameters()]
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """The trained delta under kohya names of the diffusers module paths."""
-        out = {}
-        for name, d in self.deltas.items():
-            if d.lora:
-                out.update(deltas.lora_entries(name, d.up, d.down.reshape(d.rank, -1), d.alpha, d.weight_shape))
-            else:
-                out.update(deltas.diff_entries(name, d.diff))
-        return out
-
-    def round_to(self, dtype: torch.dtype) -> None:
-        """Replace the trained values by their `dtype` rounding (what a file of that dtype holds), so
-        the adapted model afterwards is exactly the saved one."""
-        with torch.no_grad():
-            for p in self.parameters():
-                p.copy_(p.to(dtype).to(p.dtype))
-
     def detach(self) -> None:
         """Restore the layers' own forwards (the UNet is then exactly as loaded)."""
-        for layer in self.layers.values():
+        for layer in self.modules.values():
             layer.__dict__.pop("forward", None)
-
-    def reattach(self) -> None:
-        """Install the switched forwards again after detach() (same deltas, same switch)."""
-        for name, layer in self.layers.items():
-            if "forward" in layer.__dict__ and layer.__dict__["forward"] is not self.forwards[name]:
-                raise TrainingError(f"layer {name} carries another trainable delta; detach it first")
-            layer.forward = self.forwards[name]
 
 
 def attach_trainable(unet: torch.nn.Module, mode: str, rank: int = 8, alpha: float = 8.0, seed: int = 0,
-                     dtype: torch.dtype = torch.float32) -> AttachedDelta:
+                     dtype: torch.dtype = torch.float32) -> DiffusersAdapter:
     """Attach switchable trainable deltas to `unet`'s layers (forwards replaced on the instances;
     weights untouched and frozen)."""
     names = trainable_module_names(unet, mode)
@@ -252,16 +223,16 @@ def attach_trainable(unet: torch.nn.Module, mode: str, rank: int = 8, alpha: flo
     unet.requires_grad_(False)
     switch = AdapterSwitch()
     gen = torch.Generator().manual_seed(seed)
-    found, layers, forwards = {}, {}, {}
+    found, mods = {}, {}
     for name in names:
         layer = unet.get_submodule(name)
         if "forward" in layer.__dict__:
-            raise TrainingError(f"layer {name} already carries a trainable delta; detach the previous run first")
-        d = LayerDelta(layer, is_lora, rank, alpha, gen, dtype)
+            raise TrainingError(f"layer {name} already carries a trainable delta; release the previous run first")
+        d = DiffLayer(layer, is_lora, rank, alpha, gen, dtype)
         d.requires_grad_(True)
-        layer.forward = forwards[name] = _make_forward(layer, d, switch, types.MethodType(type(layer).forward, layer))
-        found[name], layers[name] = d, layer
-    return AttachedDelta(switch, found, layers, mode, rank, alpha, forwards)
+        layer.forward = _make_forward(layer, d, switch, types.MethodType(type(layer).forward, layer))
+        found[name], mods[name] = d, layer
+    return DiffusersAdapter(switch, found, mods, mode, rank, alpha)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -452,169 +423,20 @@ def fingerprint(unet: torch.nn.Module) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# Backend
-# ---------------------------------------------------------------------------------------------
-
-class DiffusersBackend:
-    """trainer.domainstudio.Backend over diffusers models (see the module docstring for the
-    sigma-space conventions). `conds` maps "target"/"source" to [1, 77, dim] prompt embeddings."""
-
-    def __init__(self, models: DiffusersModels, conds: dict[str, torch.Tensor], attached: AttachedDelta | None,
-                 feature_space: str = "latent"):
-        if feature_space not in ("latent", "pixel"):
-            raise TrainingError(f"feature_space={feature_space!r} unknown; use 'latent' or 'pixel'")
-        self.models = models
-        self.conds = conds
-        self.attached = attached
-        self.feature_space = feature_space
-        self.schedule = models.schedule
-
-    def sample_sigmas(self, n, generator):
-        u = torch.rand(n, generator=generator).clamp(max=0.999)
-        return self.schedule.percent_to_sigma(u)
-
-    def add_noise(self, x0, noise, sigma):
-        return x0 + noise * sigma.to(x0).view(-1, *([1] * (x0.ndim - 1)))
-
-    def model_x0(self, xt, sigma, cond):
-        s = sigma.float().to(xt.device).view(-1, *([1] * (xt.ndim - 1)))
-        x_in = xt / (s**2 + 1).sqrt()
-        t = self.schedule.timestep(sigma.float()).to(xt.device)
-        unet = self.models.unet
-        dt = unet.dtype
-        out = unet(x_in.to(dt), t, encoder_hidden_states=cond.expand(xt.shape[0], -1, -1).to(dt)).sample.float()
-        xt = xt.float()
-        if self.schedule.v_prediction:
-            return xt / (s**2 + 1) - out * s / (s**2 + 1).sqrt()
-        return xt - s * out
-
-    def predict_x0(self, xt, sigma, prompt, adapted):
-        cond = self.conds[prompt]
-        if self.attached is None:
-            return self.model_x0(xt, sigma, cond)
-        self.attached.switch.enabled = adapted
-        try:
-            return self.model_x0(xt, sigma, cond)
-        finally:
-            self.attached.switch.enabled = True
-
-    def denoising_loss(self, x0_pred, x0, sigma):
-        # ||F - F*||^2 = ||x0_pred - x0||^2 / c_out^2 (c_out = -sigma for eps, sigma/sqrt(sigma^2+1) for v)
-        s = sigma.float().to(x0.device).view(-1, *([1] * (x0.ndim - 1)))
-        c_out2 = s**2 / (s**2 + 1) if self.schedule.v_prediction else s**2
-        return (((x0_pred.float() - x0.float()) ** 2) / c_out2).mean()
-
-    def features(self, x0):
-        if self.feature_space == "latent":
-            return x0.float()
-        return self.models.decode(x0)
-
-    def trainable_parameters(self):
-        return self.attached.parameters()
-
-
-# ---------------------------------------------------------------------------------------------
-# Sampling (before/after grids, class images)
-# ---------------------------------------------------------------------------------------------
-
-@torch.no_grad()
-def sample_latents(models: DiffusersModels, attached: AttachedDelta | None, prompt: str, seeds, resolution: int,
-                   steps: int = 20, cfg: float = 6.0, adapted: bool = True, negative: str = "") -> torch.Tensor:
-    """Euler sampling ('normal' schedule, classifier-free guidance) with the adapter on or off;
-    noise per seed as ComfyUI's prepare_noise ([1, C, h, w] from torch.Generator(seed)): with the
-    adapter off this is ComfyUI's KSampler (euler / normal) on the same checkpoint."""
-    conds = {"pos": models.encode_prompt(prompt), "neg": models.encode_prompt(negative)}
-    backend = DiffusersBackend(models, conds, attached)
-    sigmas = models.schedule.sampling_sigmas(steps).to(models.device)
-    h = w = resolution // models.vae_scale
-    out = []
-    for seed in seeds:
-        noise = torch.randn([1, models.latent_channels, h, w], generator=torch.Generator().manual_seed(int(seed)))
-        x = noise.to(models.device) * (1 + sigmas[0] ** 2).sqrt()  # full denoise: x_T ~ N(0, 1) in DDPM scale, as ComfyUI
-        for i in range(len(sigmas) - 1):
-            s = sigmas[i].view(1)
-            den = backend.predict_x0(x, s, "pos", adapted)
-            if cfg != 1.0:
-                neg = backend.predict_x0(x, s, "neg", adapted)
-                den = neg + cfg * (den - neg)
-            d = (x - den) / sigmas[i]
-            x = x + d * (sigmas[i + 1] - sigmas[i])
-        out.append(x)
-    return torch.cat(out)
-
-
-@torch.no_grad()
-def sample_images(models, attached, prompts: list[str], n: int, resolution: int, steps: int, cfg: float,
-                  adapted: bool) -> torch.Tensor:
-    """[len(prompts) * n, H, W, 3] in 0..1, row per prompt, seeds 0..n-1."""
-    rows = []
-    for p in prompts:
-        lat = sample_latents(models, attached, p, range(n), resolution, steps, cfg, adapted)
-        rows.append(((models.decode(lat) + 1) / 2).clamp(0, 1).movedim(1, -1).cpu())
-    return torch.cat(rows)
-
-
-# ---------------------------------------------------------------------------------------------
-# Training entry point
-# ---------------------------------------------------------------------------------------------
-
-@dataclass
-class DiffusersTrainOutput:
-    delta: dict[str, torch.Tensor]  # in save_dtype; the attached delta holds exactly these values
-    result: TrainResult
-    attached: AttachedDelta
-
-
-def train_domainstudio_diffusers(
-    models: DiffusersModels, images: torch.Tensor, cfg: DomainStudioConfig, *, target_prompt: str = "",
-    source_prompt: str = "", train_mode: str = "lora_attn", rank: int = 8, alpha: float = 8.0,
-    feature_space: str = "latent", prior_latents: torch.Tensor | None = None, precision: str = "fp32",
-    on_step: Callable | None = None, save_dtype: torch.dtype = SAVE_DTYPE,
-) -> DiffusersTrainOutput:
-    """DomainStudio on diffusers models; `images` [N, R, R, 3] in 0..1. The trained delta stays
-    attached (switch on) to `models.unet`, rounded to `save_dtype`; `out.attached.detach()` removes it."""
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(precision)
-    if dtype is None:
-        raise TrainingError(f"precision={precision!r} unknown; use 'fp32' or 'bf16'")
-    if feature_space not in ("latent", "pixel"):
-        raise TrainingError(f"feature_space={feature_space!r} unknown; use 'latent' or 'pixel'")
-    with torch.inference_mode(False), torch.enable_grad():
-        images = images.detach().clone().float()
-        x0 = models.encode_images(images)
-        conds = {"target": models.encode_prompt(target_prompt), "source": models.encode_prompt(source_prompt)}
-        feats = (images.movedim(-1, 1) * 2 - 1).to(x0.device) if feature_space == "pixel" else x0
-        attached = attach_trainable(models.unet, train_mode, rank, alpha, cfg.seed)
-        attached.switch.enabled = True
-        backend = DiffusersBackend(models, conds, attached, feature_space)
-        prior = None if prior_latents is None else prior_latents.float().to(x0.device)
-        try:
-            with torch.autocast(x0.device.type, dtype=dtype, enabled=dtype != torch.float32):
-                result = train_domainstudio(backend, x0, feats, cfg, prior_x0=prior, on_step=on_step)
-        except BaseException:
-            attached.detach()
-            raise
-        attached.round_to(save_dtype)
-        for d in attached.deltas.values():
-            d.requires_grad_(False)
-        delta = {k: v.to(save_dtype).clone() for k, v in attached.state_dict().items()}
-    return DiffusersTrainOutput(delta=delta, result=result, attached=attached)
-
-
-# ---------------------------------------------------------------------------------------------
-# Personalization (trainer/personalize.py): rare_token, textual_inversion, dreambooth(_no_prior)
+# New words
 # ---------------------------------------------------------------------------------------------
 
 class SplicedEmbedding(torch.nn.Module):
     """The text encoder's token embedding plus `vectors` for ids first_id .. first_id + n - 1 (the
-    new token and its _1, _2 ... companions, as diffusers' load_textual_inversion names them; the
-    tokenizer's length, at most the embedding's row count). The original embedding matrix is used as
-    it is and never written."""
+    new token and its _1, _2 ... companions, as diffusers' load_textual_inversion names them). The
+    original embedding matrix is used as it is and never written. `vectors` is a plain attribute
+    (trainable or frozen as the caller passes it), not a parameter of the text encoder."""
 
-    def __init__(self, base: torch.nn.Embedding, vectors: torch.Tensor, first_id: int | None = None):
+    def __init__(self, base: torch.nn.Embedding, vectors: torch.Tensor, first_id: int):
         super().__init__()
         self.base = base
-        self.vocab = base.num_embeddings if first_id is None else int(first_id)
-        self.vectors = vectors if isinstance(vectors, torch.nn.Parameter) else torch.nn.Parameter(vectors)
+        self.vocab = int(first_id)
+        self.__dict__["vectors"] = vectors
 
     @property
     def weight(self):  # what transformers reads for dtype/device
@@ -624,7 +446,7 @@ class SplicedEmbedding(torch.nn.Module):
         new = ids >= self.vocab
         out = self.base(ids.clamp(max=self.vocab - 1))
         if new.any():
-            rows = self.vectors.to(out.dtype)[(ids - self.vocab).clamp(min=0)]
+            rows = self.__dict__["vectors"].to(out.dtype)[(ids - self.vocab).clamp(min=0)]
             out = torch.where(new[..., None], rows, out)
         return out
 
@@ -641,153 +463,220 @@ def expand_trigger(prompt: str, trigger: str, n: int) -> str:
     return " ".join(" ".join(token_names(trigger, n)) if w == trigger else w for w in prompt.split(" "))
 
 
-@dataclass
-class InstalledToken:
-    trigger: str
-    vectors: torch.nn.Parameter  # [n, dim]
-    embedding: SplicedEmbedding
-    base: torch.nn.Embedding
+# ---------------------------------------------------------------------------------------------
+# The host
+# ---------------------------------------------------------------------------------------------
 
-    def remove(self, models: "DiffusersModels") -> None:
-        models.text_encoder.set_input_embeddings(self.base)
+class DiffusersHost(Host):
+    """trainer.host.Host over DiffusersModels (see the module docstring for the conventions)."""
 
+    name = "diffusers"
 
-def install_token(models: DiffusersModels, trigger: str, init_word: str, n: int = 1) -> InstalledToken:
-    """Give models.tokenizer (replaced by a copy: the caller's tokenizer is untouched) the words of
-    `trigger` and splice trainable vectors for them, initialised from `init_word`'s embedding, into
-    the text encoder's input embedding."""
-    import copy
+    def __init__(self, models: DiffusersModels):
+        self.models = models
+        self.family = models.family
+        self.device = models.device
+        self._adapter: DiffusersAdapter | None = None
+        self._base_tokenizer = models.tokenizer
+        self._base_embedding = models.text_encoder.get_input_embeddings()
+        self._token: Token | None = None  # the word currently spliced in
+        self._fingerprint: str | None = None
 
-    tok = models.tokenizer
-    ids = tok(trigger, add_special_tokens=False).input_ids
-    if trigger in tok.get_vocab() or (len(ids) == 1 and tok.convert_ids_to_tokens(ids)[0] in (trigger, trigger + "</w>")):
-        raise TrainingError(f"new_token={trigger!r} is already a word of CLIP's vocabulary; prompts using it would lose "
-                            "its usual meaning. Choose a made-up word such as 'ds_subject' or 'zwx_dog'.")
-    base = models.text_encoder.get_input_embeddings()
-    if isinstance(base, SplicedEmbedding):
-        raise TrainingError("the text encoder already carries a spliced token; remove it first")
-    init_ids = tok(init_word, add_special_tokens=False).input_ids or [tok.eos_token_id]
-    with torch.no_grad():
-        init = base.weight[init_ids].float().mean(0) if len(init_ids) > 1 else base.weight[init_ids[0]].float()
-    vectors = torch.nn.Parameter(init.detach().clone().unsqueeze(0).repeat(n, 1))
-    new_tok = copy.deepcopy(tok)
-    added = new_tok.add_tokens(token_names(trigger, n))
-    first = new_tok.convert_tokens_to_ids(trigger)
-    if added != n or first != len(tok) or first > base.num_embeddings:
-        raise TrainingError(f"could not add {trigger!r} as {n} new token(s) after the vocabulary "
-                            f"(got id {first}, tokenizer {len(tok)}, embedding rows {base.num_embeddings})")
-    spliced = SplicedEmbedding(base, vectors, first)
-    models.tokenizer = new_tok
-    models.text_encoder.set_input_embeddings(spliced)
-    return InstalledToken(trigger, vectors, spliced, base)
+    @property
+    def key(self) -> str:
+        if self.family not in EMBEDDING_KEYS:
+            raise TrainingError(f"personalization on {self.family} is not supported by the diffusers host")
+        return EMBEDDING_KEYS[self.family]
 
+    # --- what the model is -----------------------------------------------------------------
+    def fingerprint(self) -> str:
+        if self._fingerprint is None:
+            self._fingerprint = fingerprint(self.models.unet)
+        return self._fingerprint
 
-class DiffusersPromptBackend(DiffusersBackend):
-    """trainer.personalize.PromptBackend over diffusers models. `cached` = None encodes every call
-    (gradients reach trainable token vectors); a dict caches detached prompt embeddings."""
+    def encoder_widths(self) -> dict[str, int]:
+        return {EMBEDDING_KEYS.get(self.family, "clip_l"): int(self._base_embedding.weight.shape[1])}
 
-    def __init__(self, models: DiffusersModels, attached: AttachedDelta | None, cached: dict | None,
-                 trigger: str = "", n_vectors: int = 1):
-        super().__init__(models, {}, attached)
-        self.cached = cached
-        self.trigger, self.n_vectors = trigger, n_vectors
+    def latent_format(self) -> tuple[int, int]:
+        return self.models.latent_channels, self.models.vae_scale
 
-    def encode(self, prompt: str):
-        if self.cached is not None and prompt in self.cached:
-            return self.cached[prompt]
+    def free_memory(self) -> int | None:
+        dev = torch.device(self.device)
+        if dev.type == "cuda":
+            return int(torch.cuda.mem_get_info(dev)[0])
+        from ..memory import cpu_available
+
+        return cpu_available()
+
+    def native_resolution(self) -> int | None:
+        size = getattr(self.models.unet.config, "sample_size", None)
+        return int(size) * self.models.vae_scale if size else None
+
+    # --- inputs --------------------------------------------------------------------------------
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        return self.models.encode_images(images)
+
+    def _use_token(self, token: Token | None) -> None:
+        """Splice `token` (or nothing) into the tokenizer copy and the input embedding."""
         m = self.models
-        text = expand_trigger(prompt, self.trigger, self.n_vectors) if self.trigger else prompt
+        if token is None:
+            m.tokenizer = self._base_tokenizer
+            m.text_encoder.set_input_embeddings(self._base_embedding)
+            self._token = None
+            return
+        if self._token is not None and self._token.trigger == token.trigger:
+            emb = m.text_encoder.get_input_embeddings()
+            emb.__dict__["vectors"] = token.vectors[self.key]
+            self._token = token
+            return
+        tok = self._base_tokenizer
+        names = token_names(token.trigger, token.num_vectors)
+        new_tok = copy.deepcopy(tok)
+        added = new_tok.add_tokens(names)
+        first = new_tok.convert_tokens_to_ids(token.trigger)
+        base = self._base_embedding
+        if added != len(names) or first != len(tok) or first > base.num_embeddings:
+            raise TrainingError(f"could not add {token.trigger!r} as {len(names)} new token(s) after the vocabulary "
+                                f"(got id {first}, tokenizer {len(tok)}, embedding rows {base.num_embeddings})")
+        m.tokenizer = new_tok
+        m.text_encoder.set_input_embeddings(SplicedEmbedding(base, token.vectors[self.key], first))
+        self._token = token
+
+    def encode_prompt(self, text: str, token: Token | None = None):
+        m = self.models
+        self._use_token(token)
+        if token is not None:
+            text = expand_trigger(text, token.trigger, token.num_vectors)
         max_len = min(int(m.tokenizer.model_max_length), int(m.text_encoder.config.max_position_embeddings))
         ids = m.tokenizer(text, padding="max_length", max_length=max_len, truncation=True,
                           return_tensors="pt").input_ids.to(m.device)
-        cond = m.text_encoder(ids)[0].float()
-        if self.cached is not None:
-            cond = cond.detach()
-            self.cached[prompt] = cond
-        return cond
+        return m.text_encoder(ids)[0].float()
 
-    def predict_x0(self, xt, sigma, cond):
-        return self.model_x0(xt, sigma, cond)
+    def stack_conds(self, conds: list) -> torch.Tensor:
+        if len(conds) == 1 or all(c is conds[0] for c in conds):
+            return conds[0]
+        return torch.cat(conds)
 
+    def knows_word(self, word: str) -> bool:
+        tok = self._base_tokenizer
+        ids = tok(word, add_special_tokens=False).input_ids
+        return word in tok.get_vocab() or (len(ids) == 1 and tok.convert_ids_to_tokens(ids)[0] in (word, word + "</w>"))
 
-EMBEDDING_KEYS = {"sd1": "clip_l", "sd2": "clip_h"}
+    def token_init(self, word: str, num_vectors: int) -> dict[str, torch.Tensor]:
+        tok = self._base_tokenizer
+        init_ids = tok(word, add_special_tokens=False).input_ids or [tok.eos_token_id]
+        table = self._base_embedding.weight
+        with torch.no_grad():
+            init = table[init_ids].float().mean(0) if len(init_ids) > 1 else table[init_ids[0]].float()
+        return {self.key: init.detach().clone().unsqueeze(0).repeat(num_vectors, 1)}
 
+    # --- trainable weights ---------------------------------------------------------------------
+    def attach(self, mode: str, rank: int, alpha: float, seed: int) -> DiffusersAdapter:
+        if self._adapter is not None:
+            self._adapter.detach()
+        self._adapter = attach_trainable(self.models.unet, mode, rank, alpha, seed)
+        return self._adapter
 
-@dataclass
-class DiffusersPersonalizeOutput:
-    delta: dict[str, torch.Tensor] | None  # UNet delta (save_dtype), kohya names of diffusers paths
-    vectors: dict[str, torch.Tensor] | None  # {'clip_l': [n, 768]} (SD1) / {'clip_h': [n, 1024]} (SD2)
-    stages: list = None
-    warnings: list = None
-    attached: AttachedDelta | None = None
-    token: InstalledToken | None = None
+    # --- training session ----------------------------------------------------------------------
+    def session(self, fn: Callable[[], Any], needs: SessionNeeds) -> Any:
+        m = self.models
+        unet, te = m.unet, m.text_encoder
+        if needs.checkpointing:
+            unet.enable_gradient_checkpointing()
+            if needs.token is not None and hasattr(te, "gradient_checkpointing_enable"):
+                te.gradient_checkpointing_enable()
+        if needs.adapter is not None:
+            needs.adapter.switch.enabled = True
+        try:
+            with torch.inference_mode(False), torch.enable_grad(), torch.autocast(
+                    torch.device(self.device).type, dtype=needs.dtype, enabled=needs.dtype != torch.float32):
+                return fn()
+        finally:
+            if needs.checkpointing:
+                unet.disable_gradient_checkpointing()
+                if hasattr(te, "gradient_checkpointing_disable"):
+                    te.gradient_checkpointing_disable()
 
+    def sample_sigmas(self, n, generator):
+        u = torch.rand(n, generator=generator, device=generator.device).clamp(max=0.999)
+        return self.models.schedule.percent_to_sigma(u.cpu()).to(u.device)
 
-def train_personalization_diffusers(
-    models: DiffusersModels, images: torch.Tensor, cfg, *, train_mode: str = "lora_attn", rank: int = 8,
-    alpha: float = 8.0, prior_latents: torch.Tensor | None = None, on_step: Callable | None = None,
-    save_dtype: torch.dtype = SAVE_DTYPE,
-) -> DiffusersPersonalizeOutput:
-    """Run `cfg.method` (trainer.personalize.PersonalizeConfig) on diffusers models. Afterwards the
-    learned token stays installed (models.tokenizer is a copy that knows it, the text encoder's input
-    embedding is spliced) and the UNet delta stays attached, so sampling shows the result;
-    out.token.remove(models) / out.attached.detach() undo them. Weights are never written."""
-    from ..personalize import train_stage, trains_unet, uses_token
+    def add_noise(self, x0, noise, sigma):
+        return x0 + noise * sigma.to(x0).view(-1, *([1] * (x0.ndim - 1)))
 
-    warnings = cfg.validate(int(images.shape[0]))
-    if models.family not in EMBEDDING_KEYS:
-        raise TrainingError(f"personalization on {models.family} is not supported by the diffusers host")
-    out = DiffusersPersonalizeOutput(delta=None, vectors=None, stages=[], warnings=warnings)
-    trigger = cfg.trigger.strip()
-    with torch.inference_mode(False), torch.enable_grad():
-        x0 = models.encode_images(images.detach().clone().float())
-        if uses_token(cfg.method):
-            # rare_token starts from the rare adjective, Textual Inversion from the class noun (as the ComfyUI host)
-            ti_noun = cfg.method == "textual_inversion" and cfg.class_noun.strip()
-            init = cfg.class_noun.strip() if ti_noun else cfg.init_word.strip()
-            out.token = install_token(models, trigger, init, cfg.num_vectors)
-            models.text_encoder.requires_grad_(False)
-            out.token.vectors.requires_grad_(True)
-            backend = DiffusersPromptBackend(models, None, None, trigger, cfg.num_vectors)
-            try:
-                out.stages.append(train_stage(backend, x0, [out.token.vectors], name="token", steps=cfg.ti_steps,
-                                              learning_rate=cfg.ti_learning_rate, prompts=cfg.stage1_prompts(),
-                                              batch_size=cfg.batch_size, seed=cfg.seed,
-                                              max_grad_norm=cfg.max_grad_norm, on_step=on_step))
-            except BaseException:
-                out.token.remove(models)
-                raise
-            touched = [n for n, p in models.text_encoder.named_parameters() if p.grad is not None and n != "vectors"
-                       and not n.endswith(".vectors")]
-            if touched:
-                raise TrainingError(f"internal error: stage 1 reached text-encoder weights {touched[:3]}")
-            out.token.vectors.requires_grad_(False)
-            out.vectors = {EMBEDDING_KEYS[models.family]: out.token.vectors.detach().float().clone()}
-        if trains_unet(cfg.method):
-            use_prior = cfg.method == "dreambooth" and prior_latents is not None and cfg.lambda_prior > 0
-            cached = {}
-            backend = DiffusersPromptBackend(models, None, cached, trigger if out.token else "", cfg.num_vectors)
-            with torch.no_grad():
-                backend.encode(cfg.instance_prompt())
-                if use_prior:
-                    backend.encode(cfg.class_prompt())
-            out.attached = attach_trainable(models.unet, train_mode, rank, alpha, cfg.seed)
-            backend.attached = out.attached
-            prior = prior_latents.float().to(x0.device) if use_prior else None
-            try:
-                out.stages.append(train_stage(backend, x0, out.attached.parameters(), name="unet",
-                                              steps=cfg.unet_steps, learning_rate=cfg.unet_learning_rate,
-                                              prompts=[cfg.instance_prompt()], batch_size=cfg.batch_size,
-                                              seed=cfg.seed + 1, prior_x0=prior, prior_prompt=cfg.class_prompt(),
-                                              lambda_prior=cfg.lambda_prior if use_prior else 0.0,
-                                              max_grad_norm=cfg.max_grad_norm, on_step=on_step))
-            except BaseException:
-                out.attached.detach()
-                if out.token:
-                    out.token.remove(models)
-                raise
-            out.attached.round_to(save_dtype)
-            for d in out.attached.deltas.values():
-                d.requires_grad_(False)
-            out.delta = {k: v.to(save_dtype).clone() for k, v in out.attached.state_dict().items()}
-    return out
+    def _model_x0(self, xt, sigma, cond):
+        schedule = self.models.schedule
+        s = sigma.float().to(xt.device).view(-1, *([1] * (xt.ndim - 1)))
+        x_in = xt / (s**2 + 1).sqrt()
+        t = schedule.timestep(sigma.float()).to(xt.device)
+        unet = self.models.unet
+        dt = unet.dtype
+        cond = cond.expand(xt.shape[0], -1, -1) if cond.shape[0] == 1 else cond
+        out = unet(x_in.to(dt), t, encoder_hidden_states=cond.to(dt)).sample.float()
+        xt = xt.float()
+        if schedule.v_prediction:
+            return xt / (s**2 + 1) - out * s / (s**2 + 1).sqrt()
+        return xt - s * out
+
+    def predict_x0(self, xt, sigma, cond, adapted: bool = True):
+        adapter = self._adapter
+        if adapter is None:
+            return self._model_x0(xt, sigma, cond)
+        adapter.switch.enabled = adapted
+        try:
+            return self._model_x0(xt, sigma, cond)
+        finally:
+            adapter.switch.enabled = True
+
+    def denoising_loss(self, x0_pred, x0, sigma):
+        return losses.denoising_loss_x0(x0_pred, x0, sigma, "v" if self.models.schedule.v_prediction else "eps", 1.0)
+
+    def decode(self, x0):
+        return self.models.decode(x0)
+
+    # --- sampling ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def sample(self, prompt: str, seeds, *, resolution: int, steps: int = 20, cfg: float = 6.0,
+               adapter: DiffusersAdapter | None = None, token: Token | None = None, negative: str = "") -> torch.Tensor:
+        """Euler ('normal' schedule, CFG); noise per seed as ComfyUI's prepare_noise ([1, C, h, w] from
+        torch.Generator(seed)): with no adapter this is ComfyUI's KSampler (euler/normal)."""
+        m = self.models
+        with torch.inference_mode(False):
+            pos = self.encode_prompt(prompt, token)
+            neg = self.encode_prompt(negative, token)
+            sigmas = m.schedule.sampling_sigmas(steps).to(m.device)
+            h = w = resolution // m.vae_scale
+            adapted = adapter is not None
+            out = []
+            for seed in seeds:
+                noise = torch.randn([1, m.latent_channels, h, w], generator=torch.Generator().manual_seed(int(seed)))
+                x = noise.to(m.device) * (1 + sigmas[0] ** 2).sqrt()  # full denoise: x_T ~ N(0, 1) in DDPM scale
+                for i in range(len(sigmas) - 1):
+                    s = sigmas[i].view(1)
+                    den = self.predict_x0(x, s, pos, adapted)
+                    if cfg != 1.0:
+                        neg_den = self.predict_x0(x, s, neg, adapted)
+                        den = neg_den + cfg * (den - neg_den)
+                    d = (x - den) / sigmas[i]
+                    x = x + d * (sigmas[i + 1] - sigmas[i])
+                out.append(x)
+            return torch.cat(out)
+
+    @torch.no_grad()
+    def decode_images(self, latents: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode(False):
+            return ((self.models.decode(latents) + 1) / 2).clamp(0, 1).movedim(1, -1).cpu()
+
+    # --- results -------------------------------------------------------------------------------
+    def export(self, delta, token: Token | None) -> Exported:
+        """The adapter stays attached (switch on) and the token spliced: sampling shows the result;
+        release() undoes both."""
+        if token is not None:
+            self._use_token(token)
+        return Exported(extra={"models": self.models})
+
+    def release(self, adapter=None, token=None) -> None:
+        if self._adapter is not None:
+            self._adapter.detach()
+            self._adapter = None
+        self._use_token(None)

@@ -1,0 +1,126 @@
+"""An after-training quality report: did the adaptation keep diversity, copy the training images,
+or drift the class? Computed in the run from samples of the source and the adapted model on the
+same seeds, in a feature space available without any download.
+
+* diversity: mean pairwise cosine distance between samples (the source model's samples of the
+  source prompt vs the adapted model's of the target prompt); the ratio adapted / source says
+  whether diversity was kept (DomainStudio's aim) or collapsed (plain fine-tuning's failure);
+* copying: mean distance from each adapted sample to its nearest training image, next to the same
+  for the source model's samples (lower than the source's = closer to copies of the shots);
+* drift (personalization): mean paired distance between the source and the adapted model's samples
+  of the plain class prompt ("a photo of dog") on the same seeds (language drift; 0 = unchanged).
+
+Feature spaces: a CLIP vision model the user connects (its image embeddings: semantic, the usual
+stand-in for perceptual similarity), else the VAE's latent space average-pooled to 8x8 (colour and
+layout only: it cannot tell content or style apart, and distances are not comparable between models
+with different VAEs). The numbers come from a handful of samples: they flag a collapse or a copy,
+they are not a benchmark (bench/ has those).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class QualityReport:
+    space: str
+    samples: int
+    diversity_source: float
+    diversity_adapted: float
+    copy_source: float
+    copy_adapted: float
+    drift: float | None = None
+    grid: torch.Tensor | None = None  # IMAGE [1, H, W, 3]
+
+    @property
+    def diversity_ratio(self) -> float:
+        return self.diversity_adapted / self.diversity_source if self.diversity_source > 0 else float("nan")
+
+    def as_dict(self) -> dict:
+        return {"space": self.space, "samples": self.samples, "diversity_source": self.diversity_source,
+                "diversity_adapted": self.diversity_adapted, "diversity_ratio": self.diversity_ratio,
+                "copy_source": self.copy_source, "copy_adapted": self.copy_adapted, "drift": self.drift}
+
+    def text(self) -> str:
+        lines = [f"quality report ({self.samples} samples per model, {self.space} features):",
+                 f"  diversity: adapted {self.diversity_adapted:.3f} vs source {self.diversity_source:.3f} "
+                 f"(ratio {self.diversity_ratio:.2f}; < 0.5 suggests a collapse towards the training images)",
+                 f"  distance to the nearest training image: adapted {self.copy_adapted:.3f} vs source "
+                 f"{self.copy_source:.3f} (much lower than the source suggests copying)"]
+        if self.drift is not None:
+            lines.append(f"  class-prompt drift: {self.drift:.3f} (0 = the class looks as before; large = the "
+                         "class word was overwritten)")
+        lines.append("  caveat: a few samples in a proxy feature space flag problems, they do not measure quality")
+        return "\n".join(lines)
+
+
+def latent_features(latents: torch.Tensor) -> torch.Tensor:
+    """Model-space latents [N, C, h, w] -> [N, C*64] (average-pooled to 8x8)."""
+    return F.adaptive_avg_pool2d(latents.float(), 8).flatten(1)
+
+
+def cosine_distances(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    a = F.normalize(a.float().flatten(1), dim=1)
+    b = F.normalize(b.float().flatten(1), dim=1)
+    return (1 - a @ b.T).clamp(min=0)
+
+
+def mean_pairwise(f: torch.Tensor) -> float:
+    n = f.shape[0]
+    if n < 2:
+        return float("nan")
+    d = cosine_distances(f, f)
+    return float(d.sum() / (n * (n - 1)))
+
+
+def report(host, prompts, x0: torch.Tensor, *, samples: int, resolution: int, seed: int, adapter=None, token=None,
+           class_prompt: str | None = None, image_features: Callable | None = None, space: str = "",
+           steps: int = 12, cfg: float = 5.0, training_images: torch.Tensor | None = None) -> QualityReport:
+    """Sample `samples` seeds from the source (source prompt) and the adapted model (target prompt)
+    and compare them. image_features(IMAGE) -> [N, D] replaces the latent features when given."""
+    seeds = [seed + i for i in range(samples)]
+    target = prompts.usage or (prompts.target[0] if prompts.target else "")
+    source = prompts.source[0] if prompts.source else (prompts.class_prompt or target)
+    src = host.sample(source, seeds, resolution=resolution, steps=steps, cfg=cfg)
+    ada = host.sample(target, seeds, resolution=resolution, steps=steps, cfg=cfg, adapter=adapter, token=token)
+    drift_pair = None
+    if class_prompt:
+        before = host.sample(class_prompt, seeds, resolution=resolution, steps=steps, cfg=cfg)
+        after = host.sample(class_prompt, seeds, resolution=resolution, steps=steps, cfg=cfg, adapter=adapter,
+                            token=token)
+        drift_pair = (before, after)
+    src_img, ada_img = host.decode_images(src), host.decode_images(ada)
+    if image_features is not None:
+        feats = image_features
+        f_train = feats(training_images) if training_images is not None else feats(host.decode_images(x0))
+        f_src, f_ada = feats(src_img), feats(ada_img)
+        label = space or "image-encoder"
+    else:
+        f_train, f_src, f_ada = latent_features(x0), latent_features(src), latent_features(ada)
+        label = "VAE-latent"
+    drift = None
+    if drift_pair is not None:
+        if image_features is not None:
+            fb, fa = image_features(host.decode_images(drift_pair[0])), image_features(host.decode_images(drift_pair[1]))
+        else:
+            fb, fa = latent_features(drift_pair[0]), latent_features(drift_pair[1])
+        drift = float(cosine_distances(fb, fa).diagonal().mean())
+    rep = QualityReport(
+        space=label, samples=samples,
+        diversity_source=mean_pairwise(f_src), diversity_adapted=mean_pairwise(f_ada),
+        copy_source=float(cosine_distances(f_src, f_train).min(dim=1).values.mean()),
+        copy_adapted=float(cosine_distances(f_ada, f_train).min(dim=1).values.mean()),
+        drift=drift)
+    from .grids import labelled_rows
+
+    train_img = training_images if training_images is not None else host.decode_images(x0)
+    rows = [(train_img[:samples], "training"), (src_img, "source"), (ada_img, "adapted")]
+    if drift_pair is not None:
+        rows.append((host.decode_images(drift_pair[1]), "class, adapted"))
+    rep.grid = labelled_rows(rows)
+    return rep

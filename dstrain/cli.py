@@ -167,8 +167,12 @@ def main(argv=None) -> int:
         settings.check(opts)
     except (TrainingError, ValueError) as e:
         fail(describe_error(e))
-    if not os.path.isdir(args.images):
-        fail(f"--images {args.images!r} is not a folder")
+    try:
+        n_found = imageset.count_images(args.images)
+    except imageset.ImageSetError as e:
+        fail(f"--images: {e}")
+    if n_found < m.min_images:
+        fail(f"--images: {m.title} needs at least {m.min_images} images, the folder has {n_found}; add images")
     if args.checkpoint and not os.path.isfile(args.checkpoint):
         fail(f"--checkpoint {args.checkpoint!r} is not a file")
     if args.diffusers and not os.path.isdir(os.path.join(args.diffusers, "unet")):

@@ -13,7 +13,9 @@
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 
-const PREFIX = "DomainStudio_";
+// The nodes that train (the fake one is the browser tests' stand-in); the image set and Load Weights
+// nodes send no progress and get no display.
+const TRAINERS = new Set(["DomainStudio_Train", "DomainStudio_Personalize", "DomainStudio_TestFakeTrainer"]);
 const EVENT = "domainstudio.progress";
 const WIDGET = "domainstudio_progress";
 const MIN_HEIGHT = 170;
@@ -27,7 +29,7 @@ let currentPrompt = null; // prompt id from execution_start
 let executing = null; // node id ComfyUI reports as executing
 
 const key = (id) => (id === null || id === undefined || id === "" ? null : String(id));
-const ours = (node) => String(node?.comfyClass ?? node?.type ?? "").startsWith(PREFIX);
+const ours = (node) => TRAINERS.has(String(node?.comfyClass ?? node?.type ?? ""));
 const num = (v) => (typeof v === "number" && Number.isFinite(v) ? v : null);
 const safe = (fn) => (...args) => {
   try { return fn(...args); } catch (e) { console.warn("[DomainStudio]", e); return undefined; }

@@ -26,47 +26,23 @@ from . import config
 
 BUILD_VERSION = "2"  # bump when the assembly below changes (2: factorised two-level UNet)
 
-# The one-level UNet shipped before DATA_VERSION 2 (full-rank file), still built while the retrain runs;
-# removed with that file by `python -m miniworld.train --stage install`.
-_LEGACY_UNET_FILE = os.path.join(config.WEIGHTS_DIR, "unet_fp16.safetensors")
-_LEGACY_UNET_CONFIG = {
-    "use_checkpoint": False, "image_size": 8, "use_spatial_transformer": True, "legacy": False,
-    "adm_in_channels": None, "in_channels": 4, "out_channels": 4, "model_channels": 320,
-    "num_res_blocks": [1], "transformer_depth": [1], "transformer_depth_output": [1, 0],
-    "channel_mult": [1], "transformer_depth_middle": -2, "use_linear_in_transformer": False,
-    "context_dim": 768, "num_head_channels": 64, "num_heads": -1,
-    "use_temporal_resblock": False, "use_temporal_attention": False,
-}
-
-
-def _legacy() -> bool:
-    return not os.path.exists(config.UNET_FILE) and os.path.exists(_LEGACY_UNET_FILE)
-
 
 def key() -> str:
     h = hashlib.sha256()
-    unet_file = _LEGACY_UNET_FILE if _legacy() else config.UNET_FILE
-    for f in (unet_file, config.VAE_FILE):
+    for f in (config.UNET_FILE, config.VAE_FILE):
         if not os.path.exists(f):
             raise FileNotFoundError(f"miniworld weights missing: {f} (retrain with `python -m miniworld.train`)")
         with open(f, "rb") as fh:
             h.update(hashlib.sha256(fh.read()).digest())
-    if _legacy():
-        h.update(json.dumps(["1", config.CLIP_SEED, _LEGACY_UNET_CONFIG], sort_keys=True).encode())
-    else:
-        h.update(json.dumps([BUILD_VERSION, config.CLIP_SEED, config.UNET_CONFIG, config.UNET_RANKS],
-                            sort_keys=True).encode())
+    h.update(json.dumps([BUILD_VERSION, config.CLIP_SEED, config.UNET_CONFIG, config.UNET_RANKS],
+                        sort_keys=True).encode())
     return h.hexdigest()[:12]
 
 
 def unet_state_dict() -> dict:
     """The shipped UNet as ordinary ComfyUI UNet tensors (float32): the factors multiplied out."""
-    import safetensors.torch
-
     from . import factor, models
 
-    if _legacy():
-        return {k: v.float() for k, v in safetensors.torch.load_file(_LEGACY_UNET_FILE).items()}
     return factor.expanded_state_dict(models.load_factored_unet(config.UNET_FILE))
 
 
@@ -80,11 +56,7 @@ def state_dict() -> dict:
 
     from . import models
 
-    if _legacy():
-        base = comfy_sd15(_LEGACY_UNET_CONFIG)
-        unet = base.diffusion_model
-    else:
-        base, unet = models.new_unet()
+    base, unet = models.new_unet()
     unet.load_state_dict(unet_state_dict())
     vae_sd = safetensors.torch.load_file(config.VAE_FILE)
     clip_sd = models.clip_state_dict()
@@ -92,12 +64,6 @@ def state_dict() -> dict:
     # (clip, vae) call writes a file newer hosts cannot detect): the pack's compat layer calls it.
     sd = _comfy_compat().checkpoint_state_dict(base, clip_sd, vae_sd)
     return {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in sd.items()}
-
-
-def comfy_sd15(unet_config: dict):
-    from .comfyenv import comfy
-
-    return comfy().supported_models.SD15(dict(unet_config)).get_model({})
 
 
 def _comfy_compat():

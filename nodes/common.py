@@ -88,7 +88,12 @@ class NodeProgress:
         if p.preview is not None:
             preview = ("JPEG", grids.to_pil(p.preview), 512)
         now = time.monotonic()
-        if p.losses is not None and (now - self.last_event >= EVENT_EVERY_S or p.step >= p.total or p.message):
+        new_stage = p.stage != getattr(self, "last_stage", None)
+        self.last_stage = p.stage
+        # Loss syncs at most twice a second; stages without losses (class images, the quality
+        # report) still get their progress line, once a second.
+        if (p.losses is not None and (now - self.last_event >= EVENT_EVERY_S or p.step >= p.total or p.message)) \
+                or new_stage or (p.losses is None and now - self.last_event >= 2 * EVENT_EVERY_S):
             self.send(p, "running")
         if p.losses is not None and (p.stage_step == 1 or p.stage_step % 10 == 0 or p.stage_step == p.stage_total):
             shown = " ".join(f"{k} {v:.4g}" for k, v in p.losses.items())

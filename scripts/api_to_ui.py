@@ -57,9 +57,9 @@ FRONTEND_ONLY = {"Note", "MarkdownNote"}  # UI nodes that never reach /prompt
 # frontends): a slot row is 20, a plain widget 24, a multiline text at least 54 (given MULTILINE_H
 # here, room to read a prompt), 14 of padding; the title bar (TITLE_H) is drawn above `pos`.
 SLOT_H, WIDGET_H, MULTILINE_H, PAD_H, TITLE_H = 20, 24, 96, 14, 30
-# DOM widgets that frontend extensions add to nodes, by node-type prefix: js/domainstudio.js gives
-# every DomainStudio_* node its progress display (getMinHeight 170, plus the frontend's 4 of margin).
-DOM_WIDGETS = {"DomainStudio_": 174}
+# DOM widgets that frontend extensions add to nodes, by node type: js/domainstudio.js gives the two
+# trainer nodes their progress display (getMinHeight 170, plus the frontend's 4 of margin).
+DOM_WIDGETS = {"DomainStudio_Train": 174, "DomainStudio_Personalize": 174}
 COL_GAP, ROW_GAP, ORIGIN = 60, 60, (50, 80)
 SHAPE_GRID, SHAPE_HOLLOW_CIRCLE = 6, 7  # litegraph RenderShape
 # The saved view (extra.ds) fits every node into the part of a 1400x900 window that the frontend's
@@ -219,7 +219,7 @@ def _node_size(node_def: dict, n_inputs: int, title: str, node_type: str = "") -
                     and input_options(spec).get("multiline"))
     rows = max(n_inputs, len(node_def.get("output", [])))
     h = rows * SLOT_H + (len(widgets) - multiline) * WIDGET_H + multiline * MULTILINE_H + PAD_H
-    h += sum(extra for prefix, extra in DOM_WIDGETS.items() if node_type.startswith(prefix))
+    h += DOM_WIDGETS.get(node_type, 0)
     w = 315
     if multiline:
         w = 400

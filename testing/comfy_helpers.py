@@ -376,3 +376,11 @@ def diffusers_retrieve_embedding(path: str, token: str):
     if "string_to_param" in data:
         return data["name"], data["string_to_param"]["*"]
     raise ValueError("Loaded state dictionary is incorrect")
+
+
+def te_lora_entries(layer_path: str, up: torch.Tensor, down: torch.Tensor, alpha: float) -> dict:
+    """A text-encoder LoRA layer of SD1's CLIP-L under kohya's name (`lora_te_text_model_...`), as
+    other trainers write them: the pack trains no text encoder, but Load Weights applies such files."""
+    name = "lora_te_" + layer_path.replace(".", "_")
+    return {f"{name}.lora_up.weight": up.contiguous(), f"{name}.lora_down.weight": down.contiguous(),
+            f"{name}.alpha": torch.tensor(float(alpha))}

@@ -49,7 +49,8 @@ def test_example_trains_and_changes_the_ksampler_image(server, name):
     assert md["domainstudio.method"] == "domainstudio" and md["domainstudio.steps"] == "4", md
 
     events = ex.check_progress_events(r, example, total=4)
-    assert events[-1]["message"] == f"saved {new[0]}", events[-1]["message"]
+    # Named as the loaders list it, so it can be picked in Load Weights / resume_from as shown.
+    assert events[-1]["message"] == f"saved loras/{new[0]}", events[-1]["message"]
     ex.check_preview(r, example)
 
     adapted, base = ex.saved_images(server, r, example.adapted), ex.saved_images(server, r, example.base)

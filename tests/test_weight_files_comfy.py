@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from comfyui_domainstudio.testing.comfy_helpers import (a1111_updates, encode, progress_hook, random_vectors,
+from comfyui_domainstudio.testing.comfy_helpers import (a1111_updates, te_lora_entries, encode, progress_hook, random_vectors,
                                                          read_file, save_synthetic, save_test_embedding, stock_load,
                                                          synthetic_lora, train_domainstudio, unet_out)
 
@@ -299,13 +299,11 @@ def test_text_encoder_lora_loads_in_comfy_without_warnings(comfy, sd15, loras_di
     t = {}
     for layer in range(2):
         for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
-            t.update(deltas.te_lora_entries("sd1", "clip_l", f"text_model.encoder.layers.{layer}.self_attn.{proj}",
-                                            torch.randn(768, 4, generator=g) * 0.1, torch.randn(4, 768, generator=g) * 0.1, 4.0))
+            t.update(te_lora_entries(f"text_model.encoder.layers.{layer}.self_attn.{proj}",
+                                     torch.randn(768, 4, generator=g) * 0.1, torch.randn(4, 768, generator=g) * 0.1, 4.0))
     md = deltas.build_metadata(kind="lora", family="sd1", title="te", method="test")
     path = deltas.save_delta(os.path.join(loras_dir, "te.safetensors"), t, md)
     _, te_clip = stock_load(comfy, model, clip, path, 0.0, 1.0)
     assert not torch.allclose(encode(comfy, te_clip, "a house"), encode(comfy, clip, "a house"))
     _, node_clip, _ = _load_node(comfy, model, clip, "loras/te.safetensors")
     assert torch.equal(encode(comfy, node_clip, "a house"), encode(comfy, te_clip, "a house"))
-    with pytest.raises(deltas.WeightFileError, match="prefix"):
-        deltas.kohya_te_name("sd1", "clip_g", "x")

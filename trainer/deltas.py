@@ -34,41 +34,6 @@ def kohya_unet_name(module_path: str) -> str:
     return KOHYA_UNET_PREFIX + module_path.replace(".", "_")
 
 
-# Text encoders: kohya prefixes by (family, encoder). ComfyUI maps all of them; A1111 converts
-# lora_te_ (SD1/SD2) and lora_te1_/lora_te2_ (SDXL); diffusers routes lora_te_/lora_te1_ to
-# text_encoder and lora_te2_ to text_encoder_2.
-KOHYA_TE_PREFIXES = {("sd1", "clip_l"): "lora_te_", ("sd2", "clip_h"): "lora_te_",
-                     ("sdxl", "clip_l"): "lora_te1_", ("sdxl", "clip_g"): "lora_te2_"}
-
-
-def kohya_te_name(family: str, encoder: str, module_path: str) -> str:
-    """('sd1', 'clip_l', 'text_model.encoder.layers.0.self_attn.q_proj') ->
-    'lora_te_text_model_encoder_layers_0_self_attn_q_proj' (module path as in transformers'
-    CLIPTextModel, which is also ComfyUI's `<encoder>.transformer.` sub-tree)."""
-    prefix = KOHYA_TE_PREFIXES.get((family, encoder))
-    if prefix is None:
-        raise WeightFileError(f"no kohya text-encoder prefix for family={family!r} encoder={encoder!r}; "
-                              f"known: {sorted(KOHYA_TE_PREFIXES)}")
-    return prefix + module_path.replace(".", "_")
-
-
-def te_lora_entries(family: str, encoder: str, module_path: str, up: torch.Tensor, down: torch.Tensor,
-                    alpha: float) -> dict[str, torch.Tensor]:
-    """LoRA factors of one text-encoder linear layer under its kohya name. The scale alpha/rank is
-    folded into `up` and alpha written as the rank: diffusers' kohya converter loses the alpha of
-    text-encoder MLP layers (it looks for '.lora.' in names it has already renamed), so a scale of
-    exactly 1 is the only one every host reads the same."""
-    name = kohya_te_name(family, encoder, module_path)
-    rank = down.shape[0]
-    up = up.detach() * (float(alpha) / rank)
-    return {f"{name}.lora_up.weight": up.contiguous(), f"{name}.lora_down.weight": down.detach().contiguous(),
-            f"{name}.alpha": torch.tensor(float(rank))}
-
-
-def te_diff_entries(family: str, encoder: str, module_path: str, diff: torch.Tensor) -> dict[str, torch.Tensor]:
-    return {f"{kohya_te_name(family, encoder, module_path)}.diff": diff.detach().contiguous()}
-
-
 def lora_entries(module_path: str, up: torch.Tensor, down: torch.Tensor, alpha: float,
                  weight_shape: tuple[int, ...]) -> dict[str, torch.Tensor]:
     """LoRA factors of one layer. Conv factors get kohya's 4-D shapes ([out, r, 1, 1] and

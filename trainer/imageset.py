@@ -254,6 +254,12 @@ def _list_image_files(folder, roots: "Sequence[str] | None" = None) -> tuple[str
     return path, label, names, warnings
 
 
+def count_images(folder, roots: "Sequence[str] | None" = None) -> int:
+    """How many images `folder` holds (checked like prepare_image_set does, nothing decoded):
+    frontends check the count before loading a model."""
+    return len(_list_image_files(folder, roots)[2])
+
+
 # ------------------------------------------------------------------ decoding
 
 

@@ -27,15 +27,16 @@ def _one(res: int, batch: int, grad: bool, device: str) -> dict:
     import resource
     import time
 
-    sys.path.insert(0, os.environ["COMFYUI_DIR"])
-    sys.path.insert(0, os.path.join(REPO, "tests"))
-    import comfy.cli_args
+    import runpy
 
-    comfy.cli_args.args.cpu = device == "cpu"
+    runpy.run_path(os.path.join(REPO, "__init__.py"))  # registers the one package name, comfyui_domainstudio
+    from comfyui_domainstudio.dstrain.hosts import import_comfy
+
+    import_comfy(os.environ.get("COMFYUI_DIR", ""), device)
     import torch
     from comfy.ldm.modules.diffusionmodules.model import Decoder
 
-    import tiny_models
+    from comfyui_domainstudio.testing import tiny_models
 
     dec = Decoder(**DDCONFIG)
     tiny_models._init_(dec, 0)

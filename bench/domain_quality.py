@@ -1,70 +1,91 @@
-"""Domain-driven quality benchmark in the miniature SD world (miniworld/): adapt the emoji model,
-trained on Google's Noto style, to 10 shots of Twitter's Twemoji style with each method, and measure
-what the DomainStudio paper cares about. Prints a table, writes JSON and image grids.
+"""Domain-driven quality in the miniature SD world (miniworld/): adapt the emoji model, trained on
+Google's Noto style, to 10 shots of another emoji style with each method on the pack's core
+(trainer.run.run over a ComfyHost), sample it with ComfyUI's stock sampler, and measure what the
+DomainStudio paper cares about in EfficientNet-Lite0 feature space (bench/features.py).
 
     eval "$(bash .ci/setup.sh | tail -2)"
-    $DS_VENV/bin/python bench/domain_quality.py                 # 7 methods x 3 seeds
-    $DS_VENV/bin/python bench/domain_quality.py --demo          # README demo: base / fine-tune / DomainStudio, 1 seed
+    $DS_VENV/bin/python bench/domain_quality.py                       # 7 recipes x 3 seeds, Twemoji
+    $DS_VENV/bin/python bench/domain_quality.py --style openmoji --seeds 0 --recipes base finetune domainstudio
+
+This module is also the library of bench/frontier.py and scripts/demo.py: the target-style world
+(`World`: shots, splits, real-image features, the style classifier, scoring), the recipes (`RECIPES`:
+a registered method + settings + run options), training with samples at intermediate steps (`Bench.train`)
+and batched stock sampling (`Bench.sample`).
 
 Setting: text-conditional, target prompt "a sks emoji" vs source prompt "an emoji" (the paper's
-"a [V] house" vs "a house"), LoRA on every layer (rank 16) unless the method says otherwise, the same
-steps, learning rate, batch and seeds for every method. Fixed splits (seed 0) of the emoji subset:
-10 shots, 10 held-out evaluation emoji (known to the base model by name), the rest for the style
-classifier. Features are 16x16 area-downsampled RGB in 0..1 (an offline stand-in for LPIPS /
-Inception features, which have no weights on these machines):
+"a [V] house" vs "a house"); every recipe trains with the methods' own defaults unless it says
+otherwise (LoRA on the attention layers, rank 8, the pack's RunOptions defaults), the same steps,
+batch and seeds. Fixed splits (seed 0) of the 1,391 concepts: 10 shots and 10 evaluation emoji among
+the concepts the base model was trained on (so their names mean something to it), the rest for the
+style classifier. Metrics, all on Lite0 features (1280-d, cosine distance):
 
-* style      mean P(twitter) of the generated "a sks emoji" samples under a logistic-regression
-             classifier trained on Google vs Twitter renderings of the classifier split (its accuracy
-             on the evaluation emoji's real renderings is reported);
-* diversity  Intra-cluster diversity (the Intra-LPIPS recipe with this feature distance): samples
-             assigned to their nearest shot, mean pairwise distance inside each cluster (<= 50
+* style      mean P(target style) of the "a sks emoji" samples under a logistic-regression classifier
+             trained on the Google vs target renderings of the classifier split (its accuracy on the
+             evaluation emoji's real renderings is reported; ~1.0);
+* diversity  intra-cluster diversity, the Intra-LPIPS recipe with Lite0 cosine distance: each sample
+             is assigned to its nearest shot, mean pairwise distance inside each cluster (<= 50
              members), averaged over clusters with >= 2 members (copying the shots scores 0);
-* memorize   mean distance from each sample to its nearest shot (lower = closer to copies);
-* content    "a sks emoji of <name>" for the 10 held-out names: distance to that emoji's Twitter
-             rendering (target style, right content; lower is better) and style score of these.
+* shot_dist  mean distance from each sample to its nearest shot (lower = closer to copies);
+* kid_target Kernel Inception Distance (x1, unbiased) of the samples to the real target renderings
+             of the classifier split (lower = closer to the target domain);
+* content    "a sks emoji of <name>" for the 10 evaluation names: cosine distance to that emoji's
+             target-style rendering (right content in the target style; lower is better) and the
+             style score of these samples.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import importlib.util
 import json
+import math
 import os
 import platform
+import runpy
 import statistics
 import sys
 import time
+from dataclasses import dataclass, field
 
 import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-from trainer.plot import save_png, tile_rows, to_uint8  # noqa: E402  (pure numpy/PIL)
+BENCH = os.path.join(REPO, "bench")
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)  # miniworld/ (a top-level package of the repository)
+runpy.run_path(os.path.join(REPO, "__init__.py"))  # registers the pack as comfyui_domainstudio
+
+from comfyui_domainstudio.trainer.grids import labelled_rows, save_png, tile_rows, to_uint8  # noqa: E402
+
+
+def bench_module(name: str):
+    """A sibling bench/<name>.py, loaded once as `bench_<name>` (every script shares that copy)."""
+    key = f"bench_{name}"
+    if key not in sys.modules:
+        spec = importlib.util.spec_from_file_location(key, os.path.join(BENCH, f"{name}.py"))
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[key] = mod
+        try:
+            spec.loader.exec_module(mod)
+        except BaseException:
+            del sys.modules[key]
+            raise
+    return sys.modules[key]
+
 
 TARGET_PROMPT, SOURCE_PROMPT = "a sks emoji", "an emoji"
-LAMBDAS_OFF = dict(lambda_img=0.0, lambda_hf=0.0, lambda_hfmse=0.0)
-METHODS = {
-    "base": None,
-    "finetune_lora": dict(**LAMBDAS_OFF),
-    "finetune_full": dict(**LAMBDAS_OFF, train_mode="full_all", learning_rate=5e-5),
-    "dreambooth_prior": dict(**LAMBDAS_OFF, prior=20),
-    "domainstudio": dict(),
-    "domainstudio_no_pairwise": dict(lambda_img=0.0),
-    "domainstudio_no_hf": dict(lambda_hf=0.0, lambda_hfmse=0.0),
-    "domainstudio_lambda10": dict(lambda_img=10.0, lambda_hf=10.0),  # the paper's SD lambdas / 10
-}
-DEMO_METHODS = ("base", "finetune_lora", "domainstudio")
+CONTENT_TEMPLATE = "a sks emoji of {name}"
+N_SHOTS, N_EVAL = 10, 10
 
 
-def method_settings(method: str, default_lr: float) -> tuple[int, str, float, dict]:
-    """(class images, train mode, learning rate, DomainStudio lambdas) of a METHODS entry; never
-    mutates METHODS (an earlier version popped keys from a shared dict, so seeds after the first ran
-    the defaults)."""
-    spec = dict(METHODS[method])
-    return spec.pop("prior", 0), spec.pop("train_mode", "lora_all"), spec.pop("learning_rate", default_lr), spec
-
+# ---------------------------------------------------------------------------------------------
+# metrics (pure numpy; the distance is pluggable)
+# ---------------------------------------------------------------------------------------------
 
 def features(images: np.ndarray) -> np.ndarray:
-    """[N, 64, 64, 3] in 0..1 -> [N, 768]: 16x16 area-downsampled RGB."""
+    """[N, 64, 64, 3] in 0..1 -> [N, 768]: 16x16 area-downsampled RGB (the old pixel features; kept
+    as a baseline the Lite0 features are compared with)."""
     n, h, w, c = images.shape
     return images.reshape(n, 16, h // 16, 16, w // 16, c).mean(axis=(2, 4)).reshape(n, -1).astype(np.float32)
 
@@ -120,216 +141,413 @@ class StyleClassifier:
         import torch
 
         with torch.no_grad():
-            z = torch.from_numpy((feats - self.mu) / self.sd) @ self.w + self.b
+            z = torch.from_numpy((np.asarray(feats, np.float32) - self.mu) / self.sd) @ self.w + self.b
         return torch.sigmoid(z).numpy()
 
 
-def splits(n_subset: int, train_idx: list[int], seed: int = 0) -> dict:
-    """Fixed shot / evaluation / classifier splits. Shots and evaluation emoji are training emoji of
-    the base model (so their names mean something to it); the classifier never sees either."""
+def splits(n_concepts: int, train_idx: list[int], seed: int = 0) -> dict:
+    """Fixed shot / evaluation / classifier splits. Shots and evaluation emoji are training concepts
+    of the base model (so their names mean something to it); the classifier never sees either."""
     rng = np.random.default_rng(seed)
     known = rng.permutation(train_idx)
-    shots, evals = sorted(known[:10].tolist()), sorted(known[10:20].tolist())
-    rest = sorted(set(range(n_subset)) - set(shots) - set(evals))
+    shots, evals = sorted(known[:N_SHOTS].tolist()), sorted(known[N_SHOTS:N_SHOTS + N_EVAL].tolist())
+    rest = sorted(set(range(n_concepts)) - set(shots) - set(evals))
     return {"shots": shots, "eval": evals, "classifier": rest}
 
 
-SUMMARY_KEYS = ("style", "diversity", "memorize", "content_to_target", "content_style", "train_s")
+def mean_sd(values) -> tuple[float, float]:
+    vals = [float(v) for v in values]
+    if not vals or any(math.isnan(v) for v in vals):
+        return float("nan"), float("nan")
+    return statistics.mean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
 
 
-def summarize(rows: list[dict], methods: list[str]) -> dict:
-    """{method: {metric: (mean, sd over seeds)}}."""
-    def agg(method, key):
-        vals = [r[key] for r in rows if r["method"] == method]
-        return statistics.mean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
-
-    return {m: {k: agg(m, k) for k in SUMMARY_KEYS} for m in methods}
+SUMMARY_KEYS = ("style", "diversity", "shot_dist", "kid_target", "content_dist", "content_style", "train_s")
 
 
-def print_table(rows: list[dict], methods: list[str], title: str) -> dict:
-    summary = summarize(rows, methods)
-    print(title)
-    print(f"{'method':26s} {'style ↑':>14s} {'diversity ↑':>16s} {'shot dist ↑':>16s} {'content dist ↓':>16s} {'train s':>8s}")
-    for m in methods:
+def summarize(rows: list[dict], recipes: list[str], keys=SUMMARY_KEYS) -> dict:
+    """{recipe: {metric: (mean, sd over seeds)}}."""
+    return {m: {k: mean_sd([r.get(k, float("nan")) for r in rows if r["recipe"] == m]) for k in keys}
+            for m in recipes}
+
+
+def print_table(rows: list[dict], recipes: list[str], title: str, log=print) -> dict:
+    summary = summarize(rows, recipes)
+    log(title)
+    log(f"{'recipe':26s} {'style ↑':>13s} {'diversity ↑':>15s} {'shot dist ↑':>15s} {'KID→target ↓':>15s} "
+        f"{'content dist ↓':>15s} {'train s':>8s}")
+    for m in recipes:
         s = summary[m]
-        print(f"{m:26s} {s['style'][0]:7.3f}±{s['style'][1]:.3f} {s['diversity'][0]:9.4f}±{s['diversity'][1]:.4f} "
-              f"{s['memorize'][0]:9.4f}±{s['memorize'][1]:.4f} {s['content_to_target'][0]:9.4f}±"
-              f"{s['content_to_target'][1]:.4f} {s['train_s'][0]:8.1f}")
+
+        def c(k, p=3):
+            mu, sd = s[k]
+            return f"{mu:{p + 4}.{p}f}±{sd:<{p + 2}.{p}f}"
+
+        log(f"{m:26s} {c('style')} {c('diversity', 4)} {c('shot_dist', 4)} {c('kid_target', 4)} "
+            f"{c('content_dist', 4)} {s['train_s'][0]:8.1f}")
     return summary
 
 
-def sample_images(model, clip, vae, prompts: list[str], seed: int, steps: int, cfg: float) -> np.ndarray:
-    """One 64x64 sample per prompt (stock euler/normal sampling; prompt i uses seed 1000*seed + i),
-    [N, 64, 64, 3] in 0..1."""
+# ---------------------------------------------------------------------------------------------
+# the world: source and target renderings, shots, real-image features, style classifier
+# ---------------------------------------------------------------------------------------------
+
+def cache_dir() -> str:
+    from miniworld import config
+
+    d = os.path.join(config.cache_dir(), "bench")
+    os.makedirs(d, exist_ok=True)
+    return d
+
+
+def cached_features(extract, images: np.ndarray, tag: str) -> np.ndarray:
+    """Lite0 features of a real image set, cached on disk by content hash (real sets never change)."""
+    arch = getattr(bench_module("features"), "ARCH", "features")
+    key = hashlib.sha256(np.ascontiguousarray(images).tobytes()).hexdigest()[:16]
+    path = os.path.join(cache_dir(), f"features-{arch}-{tag}-{key}.npy")
+    if os.path.exists(path):
+        return np.load(path, allow_pickle=False)
+    f = extract(images)
+    np.save(path + ".tmp.npy", f)
+    os.replace(path + ".tmp.npy", path)
+    return f
+
+
+class World:
+    """The source (Google) and a target style of the same concepts, the fixed splits, the real
+    renderings' Lite0 features, the style classifier, and the scoring of generated samples."""
+
+    def __init__(self, style: str, extract, log=print):
+        from miniworld import data
+
+        styles = bench_module("emoji_styles")
+        self.style, self.extract = style, extract
+        self.source = styles.load("google")
+        self.target = styles.load(style)
+        if self.source["codes"] != self.target["codes"]:
+            raise ValueError(f"the {style} set does not list the source's concepts")
+        sp = splits(len(self.source["codes"]), data.train_indices(self.source))
+        self.splits = sp
+        self.names = self.source["names"]
+        self.shots = self.target["images"][sp["shots"]]
+        self.shot_names = [self.names[i] for i in sp["shots"]]
+        self.eval_names = [self.names[i] for i in sp["eval"]]
+        self.eval_target = self.target["images"][sp["eval"]]
+        self.eval_source = self.source["images"][sp["eval"]]
+        f_src = cached_features(extract, self.source["images"], "google")
+        f_tgt = cached_features(extract, self.target["images"], style)
+        self.f_shots = f_tgt[sp["shots"]]
+        self.f_eval_target = f_tgt[sp["eval"]]
+        self.f_cls_target, self.f_cls_source = f_tgt[sp["classifier"]], f_src[sp["classifier"]]
+        self.clf = StyleClassifier(self.f_cls_source, self.f_cls_target)
+        ok = np.concatenate([self.clf.prob(f_src[sp["eval"]]) < 0.5, self.clf.prob(f_tgt[sp["eval"]]) >= 0.5])
+        self.classifier_accuracy = float(ok.mean())
+        feats = bench_module("features")
+        self.reference = {
+            "shots": self.score_features(self.f_shots),
+            "real_source_eval": self.score_features(f_src[sp["eval"]]),
+            "kid_source_vs_target": feats.kid(self.f_cls_source, self.f_cls_target),
+        }
+        log(f"world: {len(self.names)} concepts, source {self.source['package']} -> target {self.target['package']}; "
+            f"shots {', '.join(self.shot_names)}; style classifier accuracy on held-out real renderings "
+            f"{self.classifier_accuracy:.2f}")
+
+    def describe(self) -> dict:
+        return {"style": self.style, "source": self.source["package"], "target": self.target["package"],
+                "shots": self.shot_names, "eval": self.eval_names,
+                "classifier_accuracy_real": self.classifier_accuracy, "reference": self.reference}
+
+    def score_features(self, f: np.ndarray) -> dict:
+        feats = bench_module("features")
+        return {"style": float(self.clf.prob(f).mean()),
+                "diversity": intra_cluster_diversity(f, self.f_shots, dist=feats.cosine_distances),
+                "shot_dist": memorization(f, self.f_shots, dist=feats.cosine_distances),
+                "kid_target": feats.kid(f, self.f_cls_target) if len(f) >= 2 else float("nan")}
+
+    def score(self, samples: np.ndarray) -> dict:
+        """Metrics of "a sks emoji" samples (uint8 [N, 64, 64, 3])."""
+        return self.score_features(self.extract(samples))
+
+    def score_content(self, samples: np.ndarray) -> dict:
+        """Metrics of the "a sks emoji of <eval name>" samples, one per evaluation emoji in order."""
+        feats = bench_module("features")
+        f = self.extract(samples)
+        return {"content_dist": float(np.diag(feats.cosine_distances(f, self.f_eval_target)).mean()),
+                "content_style": float(self.clf.prob(f).mean())}
+
+
+# ---------------------------------------------------------------------------------------------
+# recipes: a registered method, its settings and run options
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Recipe:
+    """One way to adapt the model. `method` None = the base model, untouched. `config` and `options`
+    override the method's defaults (trainer/methods/*) and RunOptions' (trainer/run.py)."""
+
+    method: str | None
+    config: dict = field(default_factory=dict)
+    options: dict = field(default_factory=dict)
+    note: str = ""
+
+    def settings(self, steps: int | None = None, seed: int = 0, **extra_options):
+        """(method config, RunOptions) for a run; steps None = the method's default."""
+        from comfyui_domainstudio.trainer import settings
+        from comfyui_domainstudio.trainer.run import RunOptions, resolve_config
+
+        values = dict(self.config)
+        if self.method in ("domainstudio", "finetune"):
+            values.setdefault("target_prompt", TARGET_PROMPT)
+        if self.method == "domainstudio":
+            values.setdefault("source_prompt", SOURCE_PROMPT)
+        if steps is not None:
+            values["steps"] = int(steps)
+        cfg = resolve_config(self.method, values)
+        opts = settings.replace(RunOptions(), **{"train_seed": int(seed), "preview_every": 0, **self.options,
+                                                 **extra_options})
+        return cfg, opts
+
+
+LAMBDAS_OFF = {"lambda_img": 0.0, "lambda_hf": 0.0, "lambda_hfmse": 0.0}
+RECIPES: dict[str, Recipe] = {
+    "base": Recipe(None, note="the source model, untouched"),
+    "finetune": Recipe("finetune", note="plain fine-tuning (LoRA), the baseline"),
+    "finetune_full": Recipe("finetune", {"learning_rate": 1e-5}, {"train_mode": "full_attn"},
+                            note="plain fine-tuning of full attention weights"),
+    "dreambooth_prior": Recipe("domainstudio", {**LAMBDAS_OFF, "prior_images": 20},
+                               note="DreamBooth with prior for a domain: DomainStudio with every DomainStudio "
+                                    "term off and 20 class images of 'an emoji' (the registry's dreambooth is a "
+                                    "subject method: 'a photo of sks <class>')"),
+    "domainstudio": Recipe("domainstudio", note="DomainStudio, the method's defaults"),
+    "domainstudio_no_pairwise": Recipe("domainstudio", {"lambda_img": 0.0}, note="without L_img"),
+    "domainstudio_no_hf": Recipe("domainstudio", {"lambda_hf": 0.0, "lambda_hfmse": 0.0}, note="without L_hf, L_hfmse"),
+    "domainstudio_pixel": Recipe("domainstudio", {"feature_space": "pixel"}, note="terms on decoded pixels"),
+}
+DEFAULT_RECIPES = ("base", "finetune", "finetune_full", "dreambooth_prior", "domainstudio",
+                   "domainstudio_no_pairwise", "domainstudio_no_hf")
+
+
+# ---------------------------------------------------------------------------------------------
+# training and sampling on the core
+# ---------------------------------------------------------------------------------------------
+
+def bf16_supported() -> bool:
+    """bf16 autocast is fast here: a CUDA GPU with bf16, or a CPU with AMX / AVX512-BF16."""
     import torch
 
-    import comfy.sample
-    from trainer.hosts.comfy import encode_prompt
-
-    out = []
-    with torch.inference_mode():
-        neg = encode_prompt(clip, "")
-        for i, p in enumerate(prompts):
-            latent = comfy.sample.fix_empty_latent_channels(model, torch.zeros([1, 4, 8, 8]))
-            noise = comfy.sample.prepare_noise(latent, 1000 * seed + i)
-            s = comfy.sample.sample(model, noise, steps, cfg, "euler", "normal", encode_prompt(clip, p), neg, latent,
-                                    disable_pbar=True, seed=1000 * seed + i)
-            out.append(vae.decode(s).float().clamp(0, 1).reshape(-1, 64, 64, 3)[0].cpu().numpy())
-    return np.stack(out)
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
-def grid(rows: list[np.ndarray], path: str) -> None:
-    """Rows of [k, 64, 64, 3] images -> PNG, 4 px between rows."""
-    save_png(tile_rows(rows, gap=4), path)
+class Bench:
+    """The miniworld checkpoint loaded once (ComfyUI on the CPU) behind the pack's ComfyHost."""
 
+    def __init__(self, checkpoint: str | None = None, bf16: bool | None = None, sample_steps: int = 20,
+                 cfg: float = 5.0, batch: int = 24):
+        from miniworld import build
+        from miniworld.comfyenv import comfy
+
+        comfy()
+        import comfy.sd
+        import torch
+
+        from comfyui_domainstudio.trainer.hosts.comfy import ComfyHost
+
+        class _Host(ComfyHost):
+            """ComfyHost that remembers the adapter a run trains (to sample it between steps)."""
+
+            adapter = None
+
+            def attach(self, *a, **k):
+                self.adapter = super().attach(*a, **k)
+                return self.adapter
+
+        self.checkpoint = checkpoint or build.ensure()
+        with torch.inference_mode():
+            model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(self.checkpoint)
+        self.model, self.clip, self.vae = model, clip, vae
+        self.host = _Host(model, clip, vae)
+        self.bf16 = bf16_supported() if bf16 is None else bf16
+        self.sample_steps, self.cfg, self.batch = sample_steps, cfg, batch
+        self._conds: dict = {}
+
+    def describe(self) -> dict:
+        import torch
+
+        return {"checkpoint": os.path.basename(self.checkpoint), "sampler": "euler/normal",
+                "sample_steps": self.sample_steps, "cfg": self.cfg, "negative": "",
+                "compute": "bf16 autocast" if self.bf16 else "fp32", "torch": torch.__version__,
+                "threads": torch.get_num_threads(), "platform": platform.platform()}
+
+    def _cond(self, prompt: str):
+        if prompt not in self._conds:
+            self._conds[prompt] = self.host.conditioning(prompt)
+        return self._conds[prompt]
+
+    def patched(self, delta) -> object:
+        """A MODEL with `delta` (kohya names) applied by ComfyUI's stock LoRA loader; None = base."""
+        return self.model if not delta else self.host.export(delta, None).model
+
+    def sample(self, model, prompts, n: int | None = None, seed: int = 0, progress=None) -> np.ndarray:
+        """Stock ComfyUI sampling (euler/normal, CFG, empty negative) of one 64x64 image per prompt
+        (`prompts` a list, or one prompt repeated `n` times), in batches of `self.batch`; batch b
+        draws its noise from seed `seed + 1000 * b`, so every model gets the same noise. uint8
+        [N, 64, 64, 3]. progress(steps_done) is called after every sampling step."""
+        import comfy.sample
+        import torch
+
+        if isinstance(prompts, str):
+            prompts = [prompts] * int(n)
+        out, done = [], [0]
+        neg = self._cond("")
+        for b, i in enumerate(range(0, len(prompts), self.batch)):
+            chunk = prompts[i:i + self.batch]
+            conds = [self._cond(p) for p in chunk]
+            if all(p == chunk[0] for p in chunk):
+                pos = conds[0]
+            else:
+                pos = [[torch.cat([c[0][0] for c in conds]), dict(conds[0][0][1])]]
+            latent = torch.zeros([len(chunk), 4, 8, 8])
+            latent = comfy.sample.fix_empty_latent_channels(model, latent)
+            noise = comfy.sample.prepare_noise(latent, seed + 1000 * b)
+
+            def cb(step, x0, x, total, _done=done):
+                _done[0] += 1
+                if progress:
+                    progress(_done[0])
+
+            with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
+                s = comfy.sample.sample(model, noise, self.sample_steps, self.cfg, "euler", "normal", pos, neg, latent,
+                                        disable_pbar=True, seed=seed + 1000 * b, callback=cb)
+            with torch.inference_mode():
+                img = self.vae.decode(s.float())
+            out.append(to_uint8(img.reshape(-1, *img.shape[-3:]).float().clamp(0, 1)))
+        return np.concatenate(out)
+
+    def train(self, recipe: Recipe, images: np.ndarray, *, seed: int, steps: int | None = None,
+              checkpoints=(), on_checkpoint=None, on_progress=None, precision: str | None = None) -> dict:
+        """Train `recipe` on `images` (uint8 [N, 64, 64, 3]) with the core's run(); calls
+        on_checkpoint(step, MODEL) at every step of `checkpoints` below `steps` (the live delta
+        through the stock LoRA loader, between two pieces of the loop) and at the end (the run's
+        exact delta). Returns {"train_s", "steps", "delta", "losses", "seconds_per_step"}."""
+        import torch
+
+        from comfyui_domainstudio.trainer import run as core
+
+        steps_cfg, _ = recipe.settings(steps, seed)
+        total = steps_cfg.steps
+        stops = sorted({int(c) for c in checkpoints if 0 < int(c) < total})
+        every = math.gcd(*stops) if stops else 0
+        cfg, opts = recipe.settings(steps, seed, preview_every=every, preview_steps=1,
+                                    precision=precision or ("bf16" if self.bf16 else "auto"))
+        pending = set(stops)
+
+        def progress(p):
+            if on_progress is not None:
+                on_progress(p)
+            if p.message == "preview" and p.stage_step in pending and on_checkpoint is not None:
+                pending.discard(p.stage_step)
+                on_checkpoint(p.stage_step, self.patched(self.host.adapter.state_dict()))
+
+        tensor = torch.from_numpy(np.asarray(images, np.float32) / 255.0)
+        out = core.run(self.host, recipe.method, cfg, tensor, opts, on_progress=progress)
+        stage = out.stages[-1]
+        if on_checkpoint is not None:
+            on_checkpoint(total, self.patched(out.delta))
+        hist = core.weighted_history(out, stage)
+        losses = {k: [round(float(np.nanmean(v[:50])), 6), round(float(np.nanmean(v[-50:])), 6)]
+                  for k, v in hist.items() if v}
+        return {"train_s": round(stage.seconds, 2), "steps": total, "delta": out.delta, "losses": losses,
+                "seconds_per_step": round(stage.seconds_per_step, 4)}
+
+
+# ---------------------------------------------------------------------------------------------
+# the benchmark: recipes x seeds at one setting
+# ---------------------------------------------------------------------------------------------
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    ap.add_argument("--recipes", nargs="+", default=list(DEFAULT_RECIPES), choices=list(RECIPES))
+    ap.add_argument("--style", default="twitter", help="target style: twitter or openmoji (bench/emoji_styles.py)")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    ap.add_argument("--steps", type=int, default=300)
-    ap.add_argument("--lr", type=float, default=5e-4, help="LoRA learning rate (full fine-tuning uses its own)")
-    ap.add_argument("--rank", type=int, default=16)
-    ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--samples", type=int, default=40, help="'a sks emoji' samples per (method, seed)")
+    ap.add_argument("--steps", type=int, default=None, help="training steps (default: each method's default)")
+    ap.add_argument("--samples", type=int, default=24, help="'a sks emoji' samples per (recipe, seed)")
     ap.add_argument("--sample-steps", type=int, default=20)
     ap.add_argument("--cfg", type=float, default=5.0)
-    ap.add_argument("--uncond", action="store_true",
-                    help="the paper's unconditional setting: empty target and source prompt, CFG 1 sampling, no "
-                         "content metric (its prompts need text)")
-    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    ap.add_argument("--demo", action="store_true", help="the README demo: base / fine-tune / DomainStudio, one seed")
-    ap.add_argument("--out", default="", help="JSON path (default bench/results/domain_quality.json; demo: demo_output/)")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    ap.add_argument("--out", default=os.path.join(REPO, "bench", "results", "domain_quality.json"))
     args = ap.parse_args(argv)
-    if args.demo:
-        args.methods, args.seeds = list(DEMO_METHODS), [0]
-    target_prompt, source_prompt = ("", "") if args.uncond else (TARGET_PROMPT, SOURCE_PROMPT)
-    if args.uncond and args.cfg == 5.0:
-        args.cfg = 1.0  # cond == uncond, so guidance would only cost time
-    out_json = args.out or (os.path.join(REPO, "demo_output", "metrics.json") if args.demo
-                            else os.path.join(REPO, "bench", "results",
-                                              "domain_quality_uncond.json" if args.uncond else "domain_quality.json"))
-    samples_png = "domain_uncond_samples.png" if args.uncond else "domain_samples.png"
-    out_dir = os.path.dirname(os.path.abspath(out_json))
-    os.makedirs(out_dir, exist_ok=True)
-
-    from miniworld import build, data
-    from miniworld.comfyenv import comfy
-
-    comfy()
     import torch
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    import comfy.sd
-    from trainer.domainstudio import DomainStudioConfig
-    from trainer.hosts import comfy as host
-
+    torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
-    ckpt = build.ensure()
-    with torch.inference_mode():
-        model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(ckpt)
-    google, twitter, ref = data.load("google"), data.load("twitter"), data.reference()
-    assert google["codes"] == twitter["codes"], "the two styles must list the same emoji"
-    train_idx = [google["codes"].index(c) for c in ref["codes"]]
-    sp = splits(len(google["codes"]), train_idx)
-    g_img = google["images"].astype(np.float32) / 255
-    t_img = twitter["images"].astype(np.float32) / 255
-    shots = t_img[sp["shots"]]
-    shot_f = features(shots)
-    clf = StyleClassifier(features(g_img[sp["classifier"]]), features(t_img[sp["classifier"]]))
-    ev_real = np.concatenate([clf.prob(features(g_img[sp["eval"]])) < 0.5, clf.prob(features(t_img[sp["eval"]])) >= 0.5])
-    eval_names = [google["names"][i] for i in sp["eval"]]
-    print(f"data: {len(google['codes'])} emoji ({twitter['package']} vs {google['package']}), shots "
-          f"{[google['names'][i] for i in sp['shots']]}; style classifier accuracy on held-out real images "
-          f"{ev_real.mean():.2f}")
-
-    def sample(m, prompts: list[str], seed: int) -> np.ndarray:
-        return sample_images(m, clip, vae, prompts, seed, args.sample_steps, args.cfg)
-
-    samples_npz = out_json[:-5] + "_samples.npz" if out_json.endswith(".json") else out_json + "_samples.npz"
+    feats = bench_module("features")
+    extract = feats.Lite0Features()
+    world = World(args.style, extract)
+    bench = Bench(sample_steps=args.sample_steps, cfg=args.cfg)
+    out_dir = os.path.dirname(os.path.abspath(args.out))
+    os.makedirs(out_dir, exist_ok=True)
+    stem = args.out[:-5] if args.out.endswith(".json") else args.out
+    rows, saved = [], {}
 
     def save(complete: bool) -> dict:
-        """JSON + samples after every (method, seed), so a stopped run keeps what it measured."""
-        done = [m for m in args.methods if any(r["method"] == m for r in rows)]
-        result = {"complete": complete,
-                  "setting": {"target_prompt": target_prompt, "source_prompt": source_prompt, "uncond": args.uncond,
-                              "steps": args.steps, "lr": args.lr, "rank": args.rank, "batch": args.batch,
-                              "samples": args.samples, "sample_steps": args.sample_steps, "cfg": args.cfg,
-                              "seeds": args.seeds, "checkpoint": os.path.basename(ckpt),
-                              "data": [google["package"], twitter["package"]],
-                              "shots": [google["names"][i] for i in sp["shots"]], "eval": eval_names,
-                              "classifier_accuracy_real": float(ev_real.mean())},
-                  "grids": {samples_png: ["shots"] + [m for m in args.methods if m in grids],
-                            **({} if args.uncond else {"domain_content.png": ["twitter (real)", "google (real)"]
-                                                       + [m for m in args.methods if m in grids]})},
-                  "rows": rows, "summary": summarize(rows, done),
-                  "samples_npz": os.path.basename(samples_npz), "platform": platform.platform(),
-                  "torch": torch.__version__, "wall_s": round(time.perf_counter() - t_start, 1)}
-        np.savez_compressed(samples_npz + ".tmp.npz", shots=to_uint8(shots), eval_twitter=to_uint8(t_img[sp["eval"]]),
-                            eval_google=to_uint8(g_img[sp["eval"]]), classifier_google=to_uint8(g_img[sp["classifier"]]),
-                            classifier_twitter=to_uint8(t_img[sp["classifier"]]), **saved)
-        os.replace(samples_npz + ".tmp.npz", samples_npz)
-        with open(out_json + ".tmp", "w") as f:
+        done = [m for m in args.recipes if any(r["recipe"] == m for r in rows)]
+        result = {"complete": complete, "setting": {
+                      "target_prompt": TARGET_PROMPT, "source_prompt": SOURCE_PROMPT, "steps": args.steps,
+                      "samples": args.samples, "seeds": args.seeds, **bench.describe(), **world.describe()},
+                  "recipes": {m: {"method": RECIPES[m].method, "config": RECIPES[m].config,
+                                  "options": RECIPES[m].options, "note": RECIPES[m].note} for m in args.recipes},
+                  "rows": rows, "summary": summarize(rows, done), "samples_npz": os.path.basename(stem) + "_samples.npz",
+                  "wall_s": round(time.perf_counter() - t_start, 1)}
+        np.savez_compressed(stem + "_samples.tmp.npz", shots=world.shots, eval_target=world.eval_target,
+                            eval_source=world.eval_source, **saved)
+        os.replace(stem + "_samples.tmp.npz", stem + "_samples.npz")
+        with open(args.out + ".tmp", "w") as f:
             json.dump(result, f, indent=1)
-        os.replace(out_json + ".tmp", out_json)
+        os.replace(args.out + ".tmp", args.out)
         return result
 
-    shots_t = torch.from_numpy(shots)
-    rows, grids, saved = [], {}, {}
-    for method in args.methods:
+    content_prompts = [CONTENT_TEMPLATE.format(name=n) for n in world.eval_names]
+    for name in args.recipes:
+        recipe = RECIPES[name]
         for seed in args.seeds:
             t0 = time.perf_counter()
-            m, train_s, losses = model, 0.0, {}
-            if METHODS[method] is not None:
-                prior_n, mode, lr, lambdas = method_settings(method, args.lr)
-                cfg = DomainStudioConfig(steps=args.steps, learning_rate=lr, batch_size=args.batch, seed=seed,
-                                         lambda_prior=1.0 if prior_n else 0.0, **lambdas)
-                prior = None
-                if prior_n:
-                    with torch.inference_mode():
-                        prior = host.generate_class_latents(model, clip, source_prompt, prior_n, 64, seed)
-                with torch.inference_mode():
-                    res = host.train_domainstudio_comfy(model, clip, vae, shots_t, cfg, target_prompt=target_prompt,
-                                                        source_prompt=source_prompt, train_mode=mode, rank=args.rank,
-                                                        alpha=float(args.rank), prior_latents=prior)
-                m, train_s = res.model, res.result.seconds
-                # first / last 50-step means of each weighted term: shows divergence and which term leads
-                losses = {k: [round(float(np.mean(v[:50])), 5), round(float(np.mean(v[-50:])), 5)]
-                          for k, v in res.result.history.items() if v}
-            dom = sample(m, [target_prompt] * args.samples, seed)
-            con = None if args.uncond else sample(m, [f"{TARGET_PROMPT} of {n}" for n in eval_names], seed + 100)
-            df = features(dom)
-            cf = None if con is None else features(con)
-            row = {
-                "method": method, "seed": seed, "train_s": round(train_s, 2),
-                "style": float(clf.prob(df).mean()),
-                "diversity": intra_cluster_diversity(df, shot_f),
-                "memorize": memorization(df, shot_f),
-                "content_to_target": (float("nan") if cf is None else
-                                      float(np.sqrt(((cf - features(t_img[sp["eval"]])) ** 2).mean(1)).mean())),
-                "content_style": float("nan") if cf is None else float(clf.prob(cf).mean()),
-                "wall_s": round(time.perf_counter() - t0, 2), "loss_first_last50": losses,
-            }
+            info = {"train_s": 0.0, "losses": {}}
+            model = bench.model
+            if recipe.method is not None:
+                got = {}
+                info = bench.train(recipe, world.shots, seed=seed, steps=args.steps,
+                                   on_checkpoint=lambda step, m: got.update(model=m))
+                model = got["model"]
+            dom = bench.sample(model, TARGET_PROMPT, args.samples, seed=seed)
+            con = bench.sample(model, content_prompts, seed=seed + 100)
+            row = {"recipe": name, "seed": seed, **world.score(dom), **world.score_content(con),
+                   "train_s": info["train_s"], "losses": info["losses"], "wall_s": round(time.perf_counter() - t0, 1)}
             rows.append(row)
-            saved[f"{method}/{seed}/domain"] = to_uint8(dom)
-            if con is not None:
-                saved[f"{method}/{seed}/content"] = to_uint8(con)
-            print(f"{method:26s} seed {seed}: style {row['style']:.3f} diversity {row['diversity']:.4f} "
-                  f"memorize {row['memorize']:.4f} content {row['content_to_target']:.4f} ({row['wall_s']:.0f} s)")
-            if seed == args.seeds[0]:
-                grids[method] = (dom[:10], con)
+            saved[f"{name}/{seed}/domain"], saved[f"{name}/{seed}/content"] = dom, con
+            print(f"{name:26s} seed {seed}: style {row['style']:.3f} diversity {row['diversity']:.4f} shot dist "
+                  f"{row['shot_dist']:.4f} KID {row['kid_target']:.4f} content {row['content_dist']:.4f} "
+                  f"({row['wall_s']:.0f} s)", flush=True)
             save(complete=False)
 
-    print_table(rows, args.methods, f"\nDomain adaptation to Twemoji from 10 shots (miniworld, "
-                f"{'unconditional' if args.uncond else 'text'}, {args.steps} steps, seeds {args.seeds}); mean ± sd over seeds")
-    ref_rows = [shots[:10]] + [grids[m][0] for m in args.methods if m in grids]
-    grid(ref_rows, os.path.join(out_dir, samples_png))
-    if not args.uncond:
-        grid([t_img[sp["eval"]], g_img[sp["eval"]]] + [grids[m][1] for m in args.methods if m in grids],
-             os.path.join(out_dir, "domain_content.png"))
+    print_table(rows, args.recipes, f"\nDomain adaptation to {args.style} from {N_SHOTS} shots (miniworld, Lite0 "
+                f"features, seeds {args.seeds}); mean ± sd over seeds")
+    seed0 = args.seeds[0]
+    shown = [m for m in args.recipes if f"{m}/{seed0}/domain" in saved]
+    grid = labelled_rows([(world.shots, "shots")] + [(saved[f"{m}/{seed0}/domain"][:12], m) for m in shown],
+                         label_width=170)
+    save_png(to_uint8(grid)[0], stem + "_samples.png")
+    grid = labelled_rows([(world.eval_target, f"{args.style} (real)"), (world.eval_source, "google (real)")]
+                         + [(saved[f"{m}/{seed0}/content"], m) for m in shown], label_width=170)
+    save_png(to_uint8(grid)[0], stem + "_content.png")
     result = save(complete=True)
-    print(f"saved {out_json}, {os.path.basename(samples_npz)} and {', '.join(result['grids'])} in {out_dir} "
+    print(f"saved {args.out}, {os.path.basename(stem)}_samples.npz / _samples.png / _content.png "
           f"({result['wall_s']:.0f} s)")
     return 0
 

@@ -614,7 +614,7 @@ def run_ours(ctx: RowContext, assets: dict, method: str, values: dict, measured_
     run_module, ComfyHost = _pack()
     cfg = run_module.resolve_config(method, values)
     opts = ours_run_options(ctx, train_mode=train_mode, lora_rank=LORA_RANK, lora_alpha=float(LORA_RANK),
-                            precision="bf16", optimizer="adamw")
+                            precision="bf16", optimizer="adamw", preview_every=0, quality_samples=0)
     trains = "token vectors" if measured_stage == "token" else \
         train_mode + (f" r{LORA_RANK}" if train_mode.startswith("lora") else "")
     ctx.info.update(method=method, train_mode=trains, measured_stage=measured_stage)
@@ -671,6 +671,27 @@ def ours_dreambooth_full(ctx: RowContext, assets: dict) -> None:
     _dreambooth(ctx, assets, "full_all", 5e-6)
 
 
+def _finetune(ctx: RowContext, assets: dict, train_mode: str, lr: float) -> None:
+    run_ours(ctx, assets, "finetune", {"target_prompt": "a sks painting", "steps": ctx.total_steps,
+                                       "batch_size": ctx.batch, "learning_rate": lr}, "train", train_mode=train_mode)
+
+
+def ours_finetune_lora_all(ctx: RowContext, assets: dict) -> None:
+    """Plain fine-tuning, LoRA r8 on every linear/conv weight (the built-in node's layer set, minus
+    its bias/norm differences)."""
+    _finetune(ctx, assets, "lora_all", 1e-4)
+
+
+def ours_finetune_lora_attn(ctx: RowContext, assets: dict) -> None:
+    """Plain fine-tuning, LoRA r8 on attention: DomainStudio's reference step (same layers, batch)."""
+    _finetune(ctx, assets, "lora_attn", 1e-4)
+
+
+def ours_finetune_full(ctx: RowContext, assets: dict) -> None:
+    """Plain fine-tuning of full deltas of every linear/conv weight."""
+    _finetune(ctx, assets, "full_all", 5e-6)
+
+
 # ------------------------------------------------------------------------------------------------
 # Registry
 # ------------------------------------------------------------------------------------------------
@@ -690,6 +711,11 @@ ROWS: dict[str, Row] = {r.id: r for r in [
         samples_per_step=2.0),
     Row("ours_dreambooth_full", "ours", "ours: DreamBooth + prior, full", 1, ours_load, ours_dreambooth_full,
         trains="full", samples_per_step=2.0),
+    Row("ours_lora_b1", "ours", "ours: plain LoRA r8, every layer, batch 1", 1, ours_load, ours_finetune_lora_all),
+    Row("ours_lora_b4", "ours", "ours: plain LoRA r8, every layer, batch 4", 4, ours_load, ours_finetune_lora_all),
+    Row("ours_lora_attn_b4", "ours", "ours: plain LoRA r8, attention, batch 4", 4, ours_load, ours_finetune_lora_attn),
+    Row("ours_full_b1", "ours", "ours: plain full fine-tune, batch 1", 1, ours_load, ours_finetune_full,
+        trains="full"),
 ]}
 KINDS = ("builtin", "diffusers", "ours")
 

@@ -89,6 +89,8 @@ def main(argv=None) -> int:
     ap.add_argument("--train", type=int, default=128, help="training concepts prompted by name")
     ap.add_argument("--sks", type=int, default=64, help="of those, also prompted as 'a sks emoji of <name>'")
     ap.add_argument("--heldout", type=int, default=0, help="held-out concepts prompted (0: all)")
+    ap.add_argument("--domain-cfg-sweep", type=float, nargs="*", default=[],
+                    help="also measure 'an emoji' (KID, diversity) at these CFG scales, --domain samples each")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--cfg", type=float, default=5.0)
     ap.add_argument("--batch", type=int, default=16)
@@ -161,6 +163,15 @@ def main(argv=None) -> int:
                      "nearest_real_distance_median": float(np.median(F.cosine_distances(f_dom, f_real).min(1))),
                      "seconds": round(dom_s, 1)}
 
+    res["domain_cfg_sweep"] = []
+    for cfg in args.domain_cfg_sweep:
+        t = time.perf_counter()
+        imgs = evaluate.generate(nodes, mw, ["an emoji"] * args.domain, seed=args.seed, steps=args.steps, cfg=cfg,
+                                 batch=args.batch)
+        f = ext(imgs)
+        res["domain_cfg_sweep"].append({"cfg": cfg, "kid": F.kid(f, f_real), "diversity_ratio": diversity(f) /
+                                        res["reference"]["diversity_real"], "seconds": round(time.perf_counter() - t, 1)})
+
     # training captions
     pick = np.linspace(0, len(tr_idx) - 1, min(args.train, len(tr_idx))).round().astype(int)
     want = np.array([tr_idx[i] for i in pick])
@@ -203,6 +214,8 @@ def main(argv=None) -> int:
           f"twitter/google {r['kid_twitter_vs_google']:.4f}, VAE round trip {v['kid_roundtrip_vs_real']:.4f}")
     print(f"{'domain diversity / real':34s} {d['diversity_ratio']:8.3f}  target >= {TARGET_DIVERSITY_RATIO} "
           f"({d['diversity']:.4f} vs {r['diversity_real']:.4f}); coverage {d['coverage']:.2f}")
+    for sw in res["domain_cfg_sweep"]:
+        print(f"{'  an emoji at CFG ' + str(sw['cfg']):34s} {sw['kid']:8.4f}  diversity / real {sw['diversity_ratio']:.3f}")
     print(f"{'train captions NN accuracy':34s} {t['nn_accuracy']:8.3f}  top-5 {t['top5_accuracy']:.3f}, pixel {t['nn_accuracy_pixel16']:.3f}, "
           f"chance {t['chance']:.4f} (n {t['n']}); KID {t['kid']:.4f}")
     print(f"{'sks captions NN accuracy':34s} {res['sks']['nn_accuracy']:8.3f}  same concepts plain "

@@ -1,33 +1,62 @@
-"""Personalization quality benchmark in the miniature SD world (miniworld/): learn subjects the
-emoji model never saw from 4 images each with Textual Inversion, DreamBooth (with and without
-prior) and the rare-token method, with the same budget, and measure fidelity, language drift,
-forgetting and time. Prints a table, writes JSON and a sample grid.
+"""Personalization quality benchmark in the miniature SD world (miniworld/): learn subjects the model
+never saw (held-out concepts: neither their names nor their images were trained) from 4 images each
+with Textual Inversion, DreamBooth with and without prior preservation and the rare-token method,
+through the core's one entry point (trainer.run.run over ComfyHost), and measure fidelity, language
+drift, forgetting, prompt fidelity and time. Prints tables (pixel and EfficientNet-Lite0 features),
+writes JSON after every run (a stopped run resumes: rerun the same command) and labelled sample grids.
 
     eval "$(bash .ci/setup.sh | tail -2)"
-    $DS_VENV/bin/python bench/personalize_quality.py [--subjects 4] [--seeds 0]
+    $DS_VENV/bin/python bench/personalize_quality.py                          # the benchmark (defaults)
+    $DS_VENV/bin/python bench/personalize_quality.py --methods dreambooth_no_prior --subjects 3 \
+        --seeds 0 --unet-lr 1e-4 --sweep unet_lr=1e-5,3e-5,1e-4 --out bench/results/personalize_sweep_lr.json
 
-Subjects: emoji of the subset that are *not* among the base model's training emoji (fixed choice),
-each given as 4 images: its Google and Twitter renderings, and both shifted by a few pixels.
-Features and distances are bench/domain_quality.py's (16x16 area-downsampled RGB, RMS distance):
+Settings: the method defaults (trainer/methods/personalize.py PersonalizeConfig) and the shared run
+defaults (trainer/run.py RunOptions) unless a flag overrides them; previews off (they are not
+measured). `--sweep key=v1,v2 ...` runs every combination of the listed values (keys: unet_lr, ti_lr,
+rank, alpha (a number, or `r` = the rank), batch, unet_steps, ti_steps, train_mode, init, lambda_prior,
+class_images) as named variants of one result file. `--init peft` re-initialises ComfyUI's trainable
+LoRA the way kohya / PEFT / diffusers (and this pack's diffusers host) do: `down` random (Kaiming over
+the layer's input width), `up` zero, instead of ComfyUI's `up` random (over the rank), `down` zero.
 
-* fidelity  mean over samples of the instance prompt of the distance to the nearest subject image
-            (lower = more faithful; a DINO-score stand-in);
-* drift     distance between the personalized and the base model's samples of the class prompt
-            (the methods' own "a photo of <class>") on the same seeds (lower = less language drift);
-* forget    the same on "an emoji of <name>" for 8 unrelated training emoji (lower = less forgetting);
-* prompt    prompt fidelity: share of those 8 unrelated prompts whose sample's nearest training emoji
-            is the prompted one (the miniature model cannot compose "<subject> on a beach", so this
-            asks whether the personalized model still draws what the prompt names; a CLIP-T stand-in);
-* time      wall seconds of training (class-image generation included for DreamBooth).
+Subjects: held-out concepts with a class noun that the model knows from training names (cat face ->
+"cat", ...), each given as 4 images: its Google and Twitter renderings, and both shifted by (3, -2)
+pixels on white. Every sample is ComfyUI's own sampler (euler / normal, CFG, empty negative) from the
+returned MODEL and CLIP (what a user wires into KSampler); samples of the same prompt and seed are
+paired across models. Metrics, per run, in two feature spaces:
+
+* pixel: 16x16 area-downsampled RGB, RMS distance (lower = closer);
+* lite0: EfficientNet-Lite0 ImageNet features (bench/features.py), cosine;
+
+* fidelity  instance prompt ("a photo of <trigger> <class>") samples vs the 4 subject images: pixel =
+            mean distance to the nearest subject image (lower is better); lite0 = mean cosine
+            similarity over all pairs (DreamBooth's DINO-score recipe; higher is better). The `base`
+            row scores the untouched model's class-prompt samples (how close the class alone gets);
+* pres      the same for the class-prompt ("a photo of <class>") samples (DreamBooth's PRES: a class
+            that collapsed onto the subject scores closer than the base row);
+* drift     paired distance between the personalized and the base model's class-prompt samples on
+            the same seeds (language drift; lower = less drift);
+* div       diversity of the instance samples: mean pairwise distance (DreamBooth's DIV);
+* forget    paired distance on "an emoji of <name>" for 8 unrelated training concepts (forgetting);
+* prompt    prompt fidelity (a CLIP-T stand-in): share of those 8 unrelated prompts whose sample is
+            nearest to the prompted concept's real rendering among the 8 (chance 1/8; the miniature
+            model cannot compose "<subject> on a beach", so this asks whether the personalized model
+            still draws what a prompt names);
+* hf        mean absolute high-pass (image minus its 3x3 box blur) of the instance samples, the
+            damage the issue reports (high-frequency noise shaped like the subject); real emoji ~ hf_ref;
+* delta     relative size of the trained UNet change per layer, ||dW||_F / ||W||_F (median, max);
+* time      wall seconds of run() (class-image generation and the memory probes included) and
+            the pure loop seconds per stage.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import itertools
 import json
+import math
 import os
 import platform
+import runpy
 import statistics
 import sys
 import time
@@ -35,17 +64,43 @@ import time
 import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-_spec = importlib.util.spec_from_file_location("domain_quality", os.path.join(REPO, "bench", "domain_quality.py"))
-dq = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(dq)
+runpy.run_path(os.path.join(REPO, "__init__.py"))  # registers the one package name, comfyui_domainstudio
 
 METHODS = ("textual_inversion", "dreambooth", "dreambooth_no_prior", "rare_token")
-CLASS_BY_CATEGORY = {"Animals & Nature": "animal", "Food & Drink": "food"}
+SHORT = {"textual_inversion": "TI", "dreambooth": "DB+prior", "dreambooth_no_prior": "DB", "rare_token": "rare"}
+# Held-out concepts (never trained) and a class noun the model knows from training names.
+SUBJECTS = (("cat face", "cat"), ("unicorn face", "horse"), ("automobile", "car"), ("palm tree", "tree"),
+            ("yellow heart", "heart"), ("open book", "book"), ("high-speed train", "train"), ("monkey", "monkey"))
+N_UNRELATED = 8
+SWEEP_KEYS = {"unet_lr": float, "ti_lr": float, "rank": int, "alpha": str, "batch": int, "unet_steps": int,
+              "ti_steps": int, "train_mode": str, "init": str, "lambda_prior": float, "class_images": int}
+PIXEL_KEYS = ("fidelity", "pres", "drift", "div", "forget", "prompt", "hf")
+LITE0_KEYS = ("fidelity", "pres", "drift", "div", "forget", "prompt")
+
+
+# --- metrics -------------------------------------------------------------------------------------
+
+def pixel_features(images: np.ndarray) -> np.ndarray:
+    """[N, 64, 64, 3] in 0..1 -> [N, 768]: 16x16 area-downsampled RGB."""
+    n, h, w, c = images.shape
+    return images.reshape(n, 16, h // 16, 16, w // 16, c).mean(axis=(2, 4)).reshape(n, -1).astype(np.float32)
+
+
+def rms_distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """RMS distance between every row of a and of b."""
+    return np.sqrt(np.maximum(((a[:, None, :] - b[None, :, :]) ** 2).mean(-1), 0.0))
+
+
+def high_frequency(images: np.ndarray) -> float:
+    """Mean |x - box3x3(x)| over pixels and channels (edge-padded), images in 0..1."""
+    x = np.asarray(images, np.float32)
+    p = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="edge")
+    blur = sum(p[:, i:i + x.shape[1], j:j + x.shape[2]] for i in range(3) for j in range(3)) / 9.0
+    return float(np.abs(x - blur).mean())
 
 
 def subject_images(google: np.ndarray, twitter: np.ndarray) -> np.ndarray:
-    """4 views of one emoji: both styles, and both shifted by (3, -2) pixels on white."""
+    """4 views of one concept: both styles, and both shifted by (3, -2) pixels on white."""
     def shift(im):
         out = np.ones_like(im)
         out[3:, :-2] = im[:-3, 2:]
@@ -53,153 +108,591 @@ def subject_images(google: np.ndarray, twitter: np.ndarray) -> np.ndarray:
     return np.stack([google, twitter, shift(google), shift(twitter)])
 
 
+def _mean_sd(vals) -> tuple[float, float]:
+    vals = [float(v) for v in vals if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    if not vals:
+        return float("nan"), float("nan")
+    return statistics.mean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
+
+
+# --- sampling ------------------------------------------------------------------------------------
+
+class Sampler:
+    """ComfyUI's own sampler on a MODEL/CLIP pair, as KSampler runs it (euler / normal, CFG, empty
+    negative, 64x64). Sample i of a call uses noise seed 1000 * seed + i, so the same prompt and seed
+    give the same noise on every model (paired samples)."""
+
+    def __init__(self, vae, steps: int, cfg: float, batch: int = 8):
+        self.vae, self.steps, self.cfg, self.batch = vae, steps, cfg, batch
+
+    @staticmethod
+    def encode(clip, text: str):
+        return clip.encode_from_tokens_scheduled(clip.tokenize(text))
+
+    def __call__(self, model, clip, prompts: list[str], seed: int) -> np.ndarray:
+        import torch
+
+        import comfy.sample
+
+        out = []
+        with torch.inference_mode():
+            neg = self.encode(clip, "")
+            for start in range(0, len(prompts), self.batch):
+                chunk = prompts[start:start + self.batch]
+                conds = [self.encode(clip, p) for p in chunk]
+                if all(p == chunk[0] for p in chunk):
+                    pos = conds[0]  # one conditioning broadcasts over the batch
+                else:
+                    pos = [[torch.cat([c[0][0] for c in conds]), dict(conds[0][0][1])]]
+                latent = comfy.sample.fix_empty_latent_channels(model, torch.zeros([len(chunk), 4, 8, 8]))
+                noise = torch.cat([comfy.sample.prepare_noise(latent[:1], 1000 * seed + start + i)
+                                   for i in range(len(chunk))])
+                s = comfy.sample.sample(model, noise, self.steps, self.cfg, "euler", "normal", pos, neg, latent,
+                                        disable_pbar=True, seed=1000 * seed + start)
+                out.append(self.vae.decode(s).float().clamp(0, 1).reshape(-1, 64, 64, 3).cpu().numpy())
+        return np.concatenate(out)
+
+
+# --- settings ------------------------------------------------------------------------------------
+
+def variant_name(v: dict) -> str:
+    return ",".join(f"{k}={v[k]}" for k in sorted(v)) or "defaults"
+
+
+def parse_sweep(items: list[str]) -> list[dict]:
+    axes = []
+    for item in items:
+        key, _, values = item.partition("=")
+        if key not in SWEEP_KEYS or not values:
+            raise SystemExit(f"--sweep {item!r}: use key=v1,v2 with key one of {', '.join(SWEEP_KEYS)}")
+        axes.append([(key, SWEEP_KEYS[key](v)) for v in values.split(",")])
+    return [dict(combo) for combo in itertools.product(*axes)] if axes else [{}]
+
+
+def resolve(args, variant: dict, method: str, seed: int, noun: str):
+    """(PersonalizeConfig, RunOptions, init) of one run: core defaults < flags < the variant."""
+    from comfyui_domainstudio.trainer import run as core
+
+    s = {"unet_lr": args.unet_lr, "ti_lr": args.ti_lr, "rank": args.rank, "alpha": args.alpha, "batch": args.batch,
+         "unet_steps": args.unet_steps, "ti_steps": args.ti_steps, "train_mode": args.train_mode, "init": args.init,
+         "lambda_prior": args.lambda_prior, "class_images": args.class_images}
+    s.update(variant)
+    cfg_values = {"class_noun": noun}
+    for key, field in (("unet_lr", "unet_learning_rate"), ("ti_lr", "ti_learning_rate"), ("batch", "batch_size"),
+                       ("unet_steps", "unet_steps"), ("ti_steps", "ti_steps"), ("lambda_prior", "lambda_prior"),
+                       ("class_images", "class_images")):
+        if s[key] is not None:
+            cfg_values[field] = s[key]
+    cfg = core.resolve_config(method, cfg_values)
+    opts = core.RunOptions(train_seed=seed, preview_every=0)
+    if s["train_mode"] is not None:
+        opts.train_mode = s["train_mode"]
+    if s["rank"] is not None:
+        opts.lora_rank = int(s["rank"])
+    if s["alpha"] is not None:
+        opts.lora_alpha = float(opts.lora_rank) if str(s["alpha"]) == "r" else float(s["alpha"])
+    return cfg, opts, (s["init"] or "comfy")
+
+
+def peft_init_host(host_cls):
+    """A ComfyHost whose trainable LoRA starts the kohya / PEFT / diffusers way: down ~ Kaiming
+    uniform over the input width (a = sqrt 5), up = 0 (ComfyUI's create_train does the reverse)."""
+    import torch
+
+    class PeftInitHost(host_cls):
+        def attach(self, mode, rank, alpha, seed):
+            adapter = super().attach(mode, rank, alpha, seed)
+            g = torch.Generator().manual_seed(int(seed) + 7919)
+            with torch.no_grad():
+                for d in adapter.layers():
+                    if d.up is None:
+                        continue
+                    down = torch.empty(d.down.shape[0], d.down[0].numel())
+                    torch.nn.init.kaiming_uniform_(down, a=math.sqrt(5), generator=g)
+                    d.down.copy_(down.reshape(d.down.shape))
+                    d.up.zero_()
+            return adapter
+
+    return PeftInitHost
+
+
+def diagnose(host, host_peft, images, noun: str, out_path: str) -> dict:
+    """Checks for defects behind a damaged personalization, on the loaded model; writes JSON.
+
+    1. noise levels: the timesteps of host.sample_sigmas (mapped back through the model sampling)
+       against uniform over 0..999 (10 bins, chi-square);
+    2. loss weighting: host.denoising_loss against the eps-MSE computed from the model's own eps
+       (x_t - x0_pred) / sigma on the same draw;
+    3. LoRA step size: ||dW||_F after 1 and 10 Adam steps of dreambooth_no_prior (lr 1e-4, rank 8,
+       alpha 8, lora_attn) with ComfyUI's LoRA start and the kohya / PEFT one, against the
+       prediction for sign-like Adam steps: ComfyUI (up random U(+-1/sqrt r), down 0): per element
+       ~ (alpha/r) lr / sqrt 3, i.e. ||dW||_F ~ (alpha/r) lr sqrt(out*in/3) per step; PEFT (down
+       random U(+-1/sqrt in), up 0): ||dW||_F ~ (alpha/r) lr sqrt(out*r/3) per step; ratio sqrt(in/r);
+    4. token stage: the norm of the init word's vector against the vocabulary's token vectors, and
+       what ti_learning_rate x ti_steps allows."""
+    import torch
+
+    from comfyui_domainstudio.trainer import run as core
+    from comfyui_domainstudio.trainer.host import SessionNeeds
+    from comfyui_domainstudio.trainer.hosts import comfy_compat
+    from comfyui_domainstudio.trainer.methods.personalize import PersonalizeConfig
+
+    report: dict = {}
+    # 1 + 2 ----------------------------------------------------------------------------------------
+    with torch.inference_mode(False), torch.no_grad():
+        x0 = host.encode_images(torch.from_numpy(images))
+        cond = host.encode_prompt(f"a photo of {noun}")
+
+        def fn():
+            g = torch.Generator().manual_seed(0)
+            sig = host.sample_sigmas(20000, g)
+            ms = host.model.model.model_sampling
+            t = ms.timestep(sig).float()
+            hist = torch.histc(t, bins=10, min=0, max=999)
+            expected = len(t) / 10
+            chi2 = float(((hist - expected) ** 2 / expected).sum())
+            rows = []
+            for _ in range(8):
+                sigma = host.sample_sigmas(x0.shape[0], g)
+                noise = torch.randn(x0.shape, generator=g)
+                xt = host.add_noise(x0, noise, sigma)
+                pred = host.predict_x0(xt, sigma, cond)
+                s = sigma.view(-1, 1, 1, 1)
+                eps = (xt - pred) / s
+                rows.append((float(host.denoising_loss(pred, x0, sigma)), float(((eps - noise) ** 2).mean())))
+            return {"timestep_hist_10_bins": hist.tolist(), "chi2_9dof": chi2, "chi2_p_0.001": 27.88,
+                    "sigma_min": float(sig.min()), "sigma_max": float(sig.max()),
+                    "loss_vs_eps_mse": rows,
+                    "max_rel_diff": max(abs(a - b) / max(abs(b), 1e-12) for a, b in rows)}
+
+        report["noise_and_loss"] = host.session(fn, SessionNeeds(batch_shape=tuple(x0.shape)))
+    # 3 -------------------------------------------------------------------------------------------
+    steps_report = {}
+    for init, h in (("comfy", host), ("peft", host_peft)):
+        for steps in (1, 10):
+            cfg = core.resolve_config("dreambooth_no_prior", {"class_noun": noun, "unet_steps": steps,
+                                                              "unet_learning_rate": 1e-4})
+            opts = core.RunOptions(lora_rank=8, lora_alpha=8.0, train_mode="lora_attn", train_seed=0, preview_every=0)
+            with torch.inference_mode():
+                out = core.run(h, "dreambooth_no_prior", cfg, torch.from_numpy(images), opts)
+            dm = h.model.model.diffusion_model
+            per = []
+            for d in out.adapter.layers():
+                w = dm.get_submodule(d.name).weight.detach().float().reshape(d.weight_shape[0], -1)
+                r = d.up.shape[1]
+                dw = (d.alpha / r) * (d.up.detach().float() @ d.down.detach().float().reshape(r, -1))
+                o, i = w.shape
+                pred = (d.alpha / r) * 1e-4 * steps * math.sqrt(o * (i if init == "comfy" else r) / 3)
+                per.append({"layer": d.name, "in": i, "out": o, "dW_fro": float(dw.norm()), "pred_fro": pred,
+                            "W_fro": float(w.norm()), "rel": float(dw.norm() / w.norm()),
+                            "rel_spec": float(torch.linalg.matrix_norm(dw, 2) / torch.linalg.matrix_norm(w, 2))})
+            steps_report[f"{init}/{steps}"] = {
+                "rel_median": float(np.median([p["rel"] for p in per])),
+                "rel_spec_max": float(np.max([p["rel_spec"] for p in per])),
+                "measured_over_predicted_median": float(np.median([p["dW_fro"] / p["pred_fro"] for p in per])),
+                "layers": per}
+    c1, p1 = steps_report["comfy/1"]["rel_median"], steps_report["peft/1"]["rel_median"]
+    steps_report["comfy_over_peft_step1"] = c1 / p1 if p1 else float("nan")
+    report["lora_step"] = steps_report
+    # 4 -------------------------------------------------------------------------------------------
+    table = comfy_compat.input_embedding_table(host.clip, "clip_l").detach().float()
+    norms = table.norm(dim=1)
+    d = PersonalizeConfig()
+    init_v = host.token_init(d.init_word, 1)["clip_l"]
+    report["token"] = {"vocab_norm_median": float(norms.median()), "vocab_norm_p99": float(norms.quantile(0.99)),
+                       "vocab_rms_per_element": float(table.pow(2).mean().sqrt()),
+                       "init_word": d.init_word, "init_norm": float(init_v.norm()),
+                       "ti_learning_rate": d.ti_learning_rate, "ti_steps": d.ti_steps,
+                       "max_move_per_element_adam": d.ti_learning_rate * d.ti_steps}
+    with open(out_path + ".tmp", "w") as f:
+        json.dump(report, f, indent=1)
+    os.replace(out_path + ".tmp", out_path)
+    nl, ls, tk = report["noise_and_loss"], report["lora_step"], report["token"]
+    print(f"noise levels: timestep histogram {[int(x) for x in nl['timestep_hist_10_bins']]} chi2 {nl['chi2_9dof']:.1f} "
+          f"(uniform if < 27.9); loss vs eps-MSE max relative difference {nl['max_rel_diff']:.2e}")
+    for k in ("comfy/1", "peft/1", "comfy/10", "peft/10"):
+        print(f"LoRA {k} step(s), lr 1e-4 r8 a8: median ||dW||/||W|| {ls[k]['rel_median']:.2e}, max spectral "
+              f"{ls[k]['rel_spec_max']:.2e}, measured/predicted {ls[k]['measured_over_predicted_median']:.2f}")
+    print(f"ComfyUI start / PEFT start, first step: {ls['comfy_over_peft_step1']:.1f}x")
+    print(f"token: vocabulary vector norm median {tk['vocab_norm_median']:.3f} (init {tk['init_norm']:.3f}); "
+          f"ti lr {tk['ti_learning_rate']} x {tk['ti_steps']} steps allows {tk['max_move_per_element_adam']:.2f} "
+          f"per element ({tk['max_move_per_element_adam'] * math.sqrt(table.shape[1]):.1f} in norm)")
+    print(f"saved {out_path}")
+    return report
+
+
+def delta_stats(host, adapter) -> dict:
+    """||dW||_F / ||W||_F per trained layer (median, max) and the largest relative spectral norm."""
+    import torch
+
+    rel, spec = [], []
+    dm = host.model.model.diffusion_model
+    with torch.no_grad():
+        for d in adapter.layers():
+            w = dm.get_submodule(d.name).weight.detach().float().reshape(d.weight_shape[0], -1)
+            if d.diff is not None:
+                dw = d.diff.detach().float().reshape(w.shape)
+            else:
+                dw = (float(d.alpha) / d.up.shape[1]) * (d.up.detach().float() @ d.down.detach().float()
+                                                          .reshape(d.down.shape[0], -1))
+            rel.append(float(dw.norm() / w.norm().clamp(min=1e-12)))
+            spec.append(float(torch.linalg.matrix_norm(dw, 2) / torch.linalg.matrix_norm(w, 2).clamp(min=1e-12)))
+    return {"rel_median": float(np.median(rel)), "rel_max": float(np.max(rel)), "spec_max": float(np.max(spec)),
+            "layers": len(rel)}
+
+
+# --- the benchmark -------------------------------------------------------------------------------
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    ap.add_argument("--subjects", type=int, default=4)
-    ap.add_argument("--seeds", nargs="+", type=int, default=[0])
-    ap.add_argument("--ti-steps", type=int, default=150)
-    ap.add_argument("--unet-steps", type=int, default=150)
-    ap.add_argument("--class-images", type=int, default=20)
-    ap.add_argument("--samples", type=int, default=8)
+    ap.add_argument("--subjects", type=int, default=6, help=f"the first N of {len(SUBJECTS)} fixed held-out subjects")
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    for flag, kind in (("--unet-lr", float), ("--ti-lr", float), ("--rank", int), ("--alpha", str), ("--batch", int),
+                       ("--unet-steps", int), ("--ti-steps", int), ("--train-mode", str), ("--lambda-prior", float),
+                       ("--class-images", int)):
+        ap.add_argument(flag, type=kind, default=None, help="override the core default")
+    ap.add_argument("--init", choices=["comfy", "peft"], default=None, help="LoRA start (default: ComfyUI's)")
+    ap.add_argument("--sweep", nargs="*", default=[], help="key=v1,v2 ... (see above)")
+    ap.add_argument("--samples", type=int, default=8, help="instance and class samples per run")
     ap.add_argument("--sample-steps", type=int, default=20)
     ap.add_argument("--cfg", type=float, default=5.0)
-    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    ap.add_argument("--out", default=os.path.join(REPO, "bench", "results", "personalize_quality.json"))
+    ap.add_argument("--no-lite0", action="store_true", help="pixel metrics only")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    ap.add_argument("--grid-seed", type=int, default=None, help="seed shown in the grids (default: the first)")
+    ap.add_argument("--diagnose", action="store_true", help="run the defect checks on the first subject instead "
+                    "(writes bench/results/personalize_diagnose.json unless --out says otherwise)")
+    ap.add_argument("--out", default="")
     args = ap.parse_args(argv)
-    out_dir = os.path.dirname(os.path.abspath(args.out))
-    os.makedirs(out_dir, exist_ok=True)
+    args.out = args.out or os.path.join(REPO, "bench", "results", "personalize_diagnose.json" if args.diagnose
+                                        else "personalize_quality.json")
+    variants = parse_sweep(args.sweep)
+    out_json = os.path.abspath(args.out)
+    base = out_json[:-5] if out_json.endswith(".json") else out_json
+    samples_npz = base + "_samples.npz"
+    os.makedirs(os.path.dirname(out_json), exist_ok=True)
 
-    from miniworld import build, config, data
-    from miniworld.comfyenv import comfy
+    from comfyui_domainstudio.miniworld import build, data
+    from comfyui_domainstudio.miniworld.comfyenv import comfy
 
     comfy()
     import torch
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-
+    torch.set_num_threads(max(1, args.threads))
+    import comfy.model_management
     import comfy.sd
-    from trainer.hosts import comfy as host
-    from trainer.hosts import comfy_personalize as phost
-    from trainer.personalize import PersonalizeConfig
+
+    from comfyui_domainstudio.trainer import grids
+    from comfyui_domainstudio.trainer import run as core
+    from comfyui_domainstudio.trainer.hosts.comfy import ComfyHost
 
     t_start = time.perf_counter()
+    ckpt = build.ensure()
     with torch.inference_mode():
-        model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(build.ensure())
-    google, twitter, ref = data.load("google"), data.load("twitter"), data.reference()
-    trained = {google["codes"].index(c) for c in ref["codes"]}
-    unseen = [i for i in range(len(google["codes"])) if i not in trained]
+        model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(ckpt)
+    google, twitter = data.load("google"), data.load("twitter")
+    names = google["names"]
+    heldout = set(data.heldout_indices(google))
+    known = data.train_indices(google)
+    subj = []
+    for name, noun in SUBJECTS[:args.subjects]:
+        i = names.index(name)
+        assert i in heldout, f"{name} must be a held-out concept"
+        subj.append((i, noun))
     rng = np.random.default_rng(0)
-    subjects = sorted(rng.choice(unseen, size=args.subjects, replace=False).tolist())
-    categories = _categories(google["codes"], data, config)
-    unrelated_idx = sorted(rng.choice(sorted(trained), size=8, replace=False).tolist())
-    unrelated = [google["names"][i] for i in unrelated_idx]
-    unrelated_prompts = [f"an emoji of {u}" for u in unrelated]
+    unrelated_idx = sorted(rng.choice(known, size=N_UNRELATED, replace=False).tolist())
+    unrelated_prompts = [f"an emoji of {names[i]}" for i in unrelated_idx]
     g_img = google["images"].astype(np.float32) / 255
     t_img = twitter["images"].astype(np.float32) / 255
-    known = sorted(trained)
-    known_f = dq.features(g_img[known])
-    want = np.array([known.index(i) for i in unrelated_idx])
+    if args.diagnose:
+        si, noun = subj[0]
+        diagnose(ComfyHost(model, clip, vae), peft_init_host(ComfyHost)(model, clip, vae),
+                 subject_images(g_img[si], t_img[si]), noun, out_json)
+        return 0
+    extract, cosine = None, None
+    if not args.no_lite0:
+        import importlib.util
 
-    def prompt_accuracy(unrel_feats: np.ndarray) -> float:
-        return float((dq.distances(unrel_feats, known_f).argmin(1) == want).mean())
+        spec = importlib.util.spec_from_file_location("bench_features", os.path.join(REPO, "bench", "features.py"))
+        features = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(features)
+        extract, cosine = features.Lite0Features(batch_size=8), features.cosine_distances
+    sampler = Sampler(vae, args.sample_steps, args.cfg)
 
-    def sample(m, c, prompts, seed):
-        return dq.sample_images(m, c, vae, prompts, seed, args.sample_steps, args.cfg)
+    setting = {"checkpoint": os.path.basename(os.path.dirname(os.path.dirname(ckpt))), "samples": args.samples,
+               "sample_steps": args.sample_steps, "cfg": args.cfg, "unrelated": [names[i] for i in unrelated_idx],
+               "overrides": {k: getattr(args, k) for k in ("unet_lr", "ti_lr", "rank", "alpha", "batch", "unet_steps",
+                                                           "ti_steps", "train_mode", "lambda_prior", "class_images",
+                                                           "init")}}
+    rows, saved = [], {}
+    if os.path.exists(out_json) and os.path.exists(samples_npz):
+        with open(out_json) as f:
+            old = json.load(f)
+        if old.get("setting", {}).get("resume_key") == _resume_key(setting):
+            rows = old["rows"]
+            with np.load(samples_npz, allow_pickle=False) as z:
+                saved = {k: z[k] for k in z.files}
+            print(f"resuming {os.path.basename(out_json)}: {len(rows)} rows done")
+        else:
+            print(f"{os.path.basename(out_json)} has other settings: starting over")
+    setting["resume_key"] = _resume_key(setting)
+    setting["hf_ref_real_emoji"] = high_frequency(g_img[known][:256])
+    saved["prompt_google"] = google["images"][unrelated_idx]
+    # bench/rescore.py's personalization branch reads these two (its prompt metric: nearest of all training concepts)
+    saved["known_google"] = google["images"][known]
+    saved["prompt_target"] = np.array([known.index(i) for i in unrelated_idx])
+    done = {(r["variant"], r["subject"], r["method"], r["seed"]) for r in rows}
+    scorer = Scorer(saved, extract, cosine)
 
-    rows, grid_rows, saved = [], [], {"known_google": dq.to_uint8(g_img[known]), "prompt_target": want}
-    for si in subjects:
-        name = google["names"][si]
-        noun = CLASS_BY_CATEGORY.get(categories[si], "emoji")
+    def save(complete: bool):
+        for r in rows:  # metrics always from the saved samples (a resumed run is scored the same way)
+            if not r.get("error"):
+                r.update(scorer.score(r))
+        result = {"complete": complete, "setting": setting, "variants": [variant_name(v) for v in variants],
+                  "methods": list(args.methods), "seeds": list(args.seeds),
+                  "subjects": [names[i] for i, _ in subj], "subject_index": {str(i): names[i] for i, _ in subj},
+                  "class_nouns": {names[i]: n for i, n in subj}, "rows": rows,
+                  "summary": summarize(rows), "samples_npz": os.path.basename(samples_npz),
+                  "platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+                  "load_average_at_save": os.getloadavg(), "wall_s": round(time.perf_counter() - t_start, 1)}
+        np.savez_compressed(samples_npz + ".tmp.npz", **saved)
+        os.replace(samples_npz + ".tmp.npz", samples_npz)
+        with open(out_json + ".tmp", "w") as f:
+            json.dump(result, f, indent=1)
+        os.replace(out_json + ".tmp", out_json)
+        return result
+
+    host_plain = ComfyHost(model, clip, vae)
+    host_peft = peft_init_host(ComfyHost)(model, clip, vae)
+    for si, noun in subj:
+        name = names[si]
         imgs = subject_images(g_img[si], t_img[si])
-        feats = dq.features(imgs)
-        class_prompts = [PersonalizeConfig(class_noun=noun).class_prompt()] * args.samples
-        base_cache = {}
+        saved[f"{si}/subject"] = grids.to_uint8(imgs)
         for seed in args.seeds:
-            base_class_img = sample(model, clip, class_prompts, seed)
-            base_unrel_img = sample(model, clip, unrelated_prompts, seed)
-            saved[f"{si}/base/{seed}/class"] = dq.to_uint8(base_class_img)
-            saved[f"{si}/base/{seed}/unrelated"] = dq.to_uint8(base_unrel_img)
-            base_class, base_unrel = dq.features(base_class_img), dq.features(base_unrel_img)
-            base_cache[seed] = (base_class, base_unrel)
-            rows.append({"subject": name, "class_noun": noun, "method": "base", "seed": seed,
-                         "fidelity": float(dq.distances(base_class, feats).min(1).mean()), "drift": 0.0,
-                         "forget": 0.0, "prompt": prompt_accuracy(base_unrel), "time_s": 0.0})
-        grid_rows.append(imgs)
-        saved[f"{si}/subject"] = dq.to_uint8(imgs)
-        for method in args.methods:
-            for seed in args.seeds:
-                cfg = PersonalizeConfig(method=method, class_noun=noun,
-                                        trigger="sks" if "dreambooth" in method else "ds_subject",
-                                        ti_steps=args.ti_steps, unet_steps=args.unet_steps, ti_learning_rate=5e-3,
-                                        unet_learning_rate=5e-4, batch_size=2, seed=seed)
-                t0 = time.perf_counter()
-                prior = None
-                with torch.inference_mode():
-                    if method == "dreambooth":
-                        prior = host.generate_class_latents(model, clip, cfg.class_prompt(), args.class_images, 64, seed)
-                    out = phost.train_personalization_comfy(model, clip, vae, torch.from_numpy(imgs), cfg,
-                                                            train_mode="lora_all", rank=16, alpha=16.0,
-                                                            prior_latents=prior)
-                train_s = time.perf_counter() - t0
-                imgs_out = {"instance": sample(out.model, out.clip, [cfg.instance_prompt()] * args.samples, seed),
-                            "class": sample(out.model, out.clip, class_prompts, seed),
-                            "unrelated": sample(out.model, out.clip, unrelated_prompts, seed)}
-                for k, v in imgs_out.items():
-                    saved[f"{si}/{method}/{seed}/{k}"] = dq.to_uint8(v)
-                inst, cls, unrel = (dq.features(imgs_out[k]) for k in ("instance", "class", "unrelated"))
-                bc, bu = base_cache[seed]
-                row = {"subject": name, "class_noun": noun, "method": method, "seed": seed,
-                       "fidelity": float(dq.distances(inst, feats).min(1).mean()),
-                       "drift": float(np.sqrt(((cls - bc) ** 2).mean(1)).mean()),
-                       "forget": float(np.sqrt(((unrel - bu) ** 2).mean(1)).mean()),
-                       "prompt": prompt_accuracy(unrel), "time_s": round(train_s, 1)}
-                rows.append(row)
-                print(f"{name:24s} {method:20s} seed {seed}: fidelity {row['fidelity']:.4f} drift {row['drift']:.4f} "
-                      f"forget {row['forget']:.4f} prompt {row['prompt']:.2f} ({train_s:.0f} s)")
-                if seed == args.seeds[0]:
-                    grid_rows.append(imgs_out["instance"][:8])
+            k_cls, k_unrel = f"{si}/base/{seed}/class", f"{si}/base/{seed}/unrelated"
+            if k_cls not in saved:
+                saved[k_cls] = grids.to_uint8(sampler(model, clip, [f"a photo of {noun}"] * args.samples, seed))
+            if k_unrel not in saved:
+                shared = f"base/{seed}/unrelated"  # the same for every subject
+                if shared not in saved:
+                    saved[shared] = grids.to_uint8(sampler(model, clip, unrelated_prompts, seed))
+                saved[k_unrel] = saved[shared]
+            if ("base", name, "base", seed) not in done:
+                rows.append({"variant": "base", "subject": name, "si": si, "class_noun": noun, "method": "base",
+                             "seed": seed})
+                done.add(("base", name, "base", seed))
+        for variant in variants:
+            vname = variant_name(variant)
+            for method in args.methods:
+                for seed in args.seeds:
+                    if (vname, name, method, seed) in done:
+                        continue
+                    cfg, opts, init = resolve(args, variant, method, seed, noun)
+                    host = host_peft if init == "peft" else host_plain
+                    t0 = time.perf_counter()
+                    err, out = "", None
+                    try:
+                        with torch.inference_mode():
+                            out = core.run(host, method, cfg, torch.from_numpy(imgs), opts)
+                    except Exception as e:  # noqa: BLE001 - a diverged run is a result too
+                        err = str(e)
+                    train_s = time.perf_counter() - t0
+                    row = {"variant": vname, "subject": name, "si": si, "class_noun": noun, "method": method,
+                           "seed": seed, "key": _key(vname, method),
+                           "settings": {"unet_lr": cfg.unet_learning_rate, "ti_lr": cfg.ti_learning_rate,
+                                        "unet_steps": cfg.unet_steps, "ti_steps": cfg.ti_steps,
+                                        "batch": cfg.batch_size, "rank": opts.lora_rank, "alpha": opts.lora_alpha,
+                                        "train_mode": opts.train_mode, "init": init,
+                                        "lambda_prior": cfg.lambda_prior, "class_images": cfg.class_images},
+                           "time_s": round(train_s, 2), "error": err, "load_average": os.getloadavg()[0]}
+                    if out is None:
+                        print(f"{name:18s} {method:20s} {vname} seed {seed}: FAILED {err}", flush=True)
+                    else:
+                        row["stage_s"] = {s.name: round(s.seconds, 2) for s in out.stages}
+                        row["loss_first_last20"] = {s.name: [float(np.mean(s.history["total"][:20])),
+                                                             float(np.mean(s.history["total"][-20:]))]
+                                                    for s in out.stages if s.history.get("total")}
+                        if out.adapter is not None:
+                            row["delta"] = delta_stats(host, out.adapter)
+                        if out.token is not None:
+                            init_v = host.token_init(core.get(method).init_word(cfg), cfg.num_vectors)["clip_l"]
+                            row["token_norm"] = [float(init_v.norm(dim=-1).mean()),
+                                                 float(out.token.vectors["clip_l"].norm(dim=-1).mean())]
+                        m_out, c_out = out.exported.model, out.exported.clip
+                        for kind, prompts in (("instance", [out.prompts.usage] * args.samples),
+                                              ("class", [out.prompts.class_prompt] * args.samples),
+                                              ("unrelated", unrelated_prompts)):
+                            saved[f"{si}/{row['key']}/{seed}/{kind}"] = grids.to_uint8(sampler(m_out, c_out, prompts,
+                                                                                              seed))
+                        del out, m_out, c_out
+                        comfy.model_management.unload_all_models()
+                        comfy.model_management.soft_empty_cache()
+                        row.update(scorer.score(row))
+                        l0 = row.get("lite0", {})
+                        print(f"{name:18s} {method:20s} {vname} seed {seed}: fid {row['fidelity']:.4f}/"
+                              f"{l0.get('fidelity', float('nan')):.3f} drift {row['drift']:.4f}/"
+                              f"{l0.get('drift', float('nan')):.3f} pres {l0.get('pres', float('nan')):.3f} "
+                              f"forget {row['forget']:.4f} prompt {row['prompt']:.2f}/{l0.get('prompt', 0):.2f} "
+                              f"hf {row['hf']:.4f} dW {row.get('delta', {}).get('rel_median', 0):.3f} "
+                              f"({train_s:.0f} s)", flush=True)
+                    rows.append(row)
+                    done.add((vname, name, method, seed))
+                    save(False)
 
-    summary = {}
-    listed = ["base"] + list(args.methods)
-    for m in listed:
-        sel = [r for r in rows if r["method"] == m]
-        summary[m] = {k: statistics.mean(r[k] for r in sel) for k in ("fidelity", "drift", "forget", "prompt", "time_s")}
-    print(f"\nPersonalization of {len(subjects)} unseen emoji from 4 images (miniworld, TI {args.ti_steps} / UNet "
-          f"{args.unet_steps} steps, seeds {args.seeds}); means over subjects and seeds; base = the untouched "
-          "model's class-prompt samples")
-    print(f"{'method':22s} {'fidelity ↓':>10s} {'drift ↓':>9s} {'forget ↓':>9s} {'prompt ↑':>9s} {'time s':>8s}")
-    for m in listed:
-        s = summary[m]
-        print(f"{m:22s} {s['fidelity']:10.4f} {s['drift']:9.4f} {s['forget']:9.4f} {s['prompt']:9.2f} {s['time_s']:8.1f}")
-    dq.grid(grid_rows, os.path.join(out_dir, "personalize_samples.png"))
-    result = {"setting": {**{k: v for k, v in vars(args).items() if k != "out"},
-                          "subjects": [google["names"][i] for i in subjects], "unrelated": unrelated},
-              "grid": "personalize_samples.png: per subject, its 4 images then one row per method "
-                      f"({', '.join(args.methods)})",
-              "rows": rows, "summary": summary, "platform": platform.platform(), "torch": torch.__version__,
-              "wall_s": round(time.perf_counter() - t_start, 1)}
-    samples_npz = args.out[:-5] + "_samples.npz" if args.out.endswith(".json") else args.out + "_samples.npz"
-    np.savez_compressed(samples_npz + ".tmp.npz", **saved)
-    os.replace(samples_npz + ".tmp.npz", samples_npz)
-    result["samples_npz"] = os.path.basename(samples_npz)
-    result["subject_index"] = {str(i): google["names"][i] for i in subjects}
-    with open(args.out + ".tmp", "w") as f:
-        json.dump(result, f, indent=1)
-    os.replace(args.out + ".tmp", args.out)
-    print(f"saved {args.out} ({result['wall_s']:.0f} s)")
+    result = save(True)
+    print_tables(result)
+    write_grids(result, saved, os.path.dirname(out_json), os.path.basename(base),
+                args.grid_seed if args.grid_seed is not None else args.seeds[0])
+    print(f"saved {out_json} and {os.path.basename(samples_npz)} ({result['wall_s']:.0f} s)")
     return 0
 
 
-def _categories(codes, data, config) -> list[str]:
-    """Category of each emoji of the subset, from the package's emoji.json."""
-    import json as _json
-    import tarfile
+class Scorer:
+    """The metrics of one row from the saved samples (uint8 arrays in `saved`), pixel and Lite0;
+    features are cached per array."""
 
-    with tarfile.open(data.tarball(config.SOURCE_STYLE)) as tf:
-        entries = {e["unified"]: e["category"] for e in _json.load(tf.extractfile("package/emoji.json"))}
-    return [entries.get(c, "") for c in codes]
+    def __init__(self, saved: dict, extract=None, cosine=None):
+        self.saved, self.extract, self.cosine = saved, extract, cosine
+        self._px: dict = {}
+        self._l0: dict = {}
+
+    def px(self, key):
+        if key not in self._px:
+            self._px[key] = pixel_features(self.saved[key].astype(np.float32) / 255.0)
+        return self._px[key]
+
+    def l0(self, key):
+        if key not in self._l0:
+            self._l0[key] = self.extract(self.saved[key])
+        return self._l0[key]
+
+    def score(self, row: dict) -> dict:
+        si, seed = row["si"], row["seed"]
+        subj, prompt_ref = f"{si}/subject", "prompt_google"
+        b_cls, b_unrel = f"{si}/base/{seed}/class", f"{si}/base/{seed}/unrelated"
+        if row["method"] == "base":
+            inst, cls, unrel = b_cls, b_cls, b_unrel  # fidelity of the base row: what the class alone gets
+        else:
+            k = f"{si}/{row['key']}/{seed}"
+            inst, cls, unrel = f"{k}/instance", f"{k}/class", f"{k}/unrelated"
+        want = np.arange(len(self.saved[prompt_ref]))
+        out = {"fidelity": float(rms_distances(self.px(inst), self.px(subj)).min(1).mean()),
+               "pres": float(rms_distances(self.px(cls), self.px(subj)).min(1).mean()),
+               "drift": float(np.sqrt(((self.px(cls) - self.px(b_cls)) ** 2).mean(1)).mean()),
+               "div": _mean_offdiag(rms_distances(self.px(inst), self.px(inst))),
+               "forget": float(np.sqrt(((self.px(unrel) - self.px(b_unrel)) ** 2).mean(1)).mean()),
+               "prompt": float((rms_distances(self.px(unrel), self.px(prompt_ref)).argmin(1) == want).mean()),
+               "hf": high_frequency(self.saved[inst] / 255.0)}
+        if self.extract is not None:
+            cosd = self.cosine
+            out["lite0"] = {"fidelity": float(1 - cosd(self.l0(inst), self.l0(subj)).mean()),
+                            "pres": float(1 - cosd(self.l0(cls), self.l0(subj)).mean()),
+                            "drift": float(np.diag(cosd(self.l0(cls), self.l0(b_cls))).mean()),
+                            "div": _mean_offdiag(cosd(self.l0(inst), self.l0(inst))),
+                            "forget": float(np.diag(cosd(self.l0(unrel), self.l0(b_unrel))).mean()),
+                            "prompt": float((cosd(self.l0(unrel), self.l0(prompt_ref)).argmin(1) == want).mean())}
+        return out
+
+
+def _mean_offdiag(d: np.ndarray) -> float:
+    n = len(d)
+    return float((d.sum() - np.trace(d)) / (n * (n - 1))) if n > 1 else float("nan")
+
+
+def _resume_key(setting: dict) -> str:
+    return json.dumps({k: setting[k] for k in ("checkpoint", "samples", "sample_steps", "cfg", "unrelated",
+                                               "overrides")}, sort_keys=True)
+
+
+def _key(vname: str, method: str) -> str:
+    """Sample-array key of a (variant, method); the plain method name for the defaults (what
+    bench/rescore.py reads)."""
+    return method if vname == "defaults" else f"{method}@{vname}"
+
+
+def summarize(rows: list[dict]) -> dict:
+    """{variant: {method: {metric: (mean, sd) over subjects and seeds}}}; lite0 metrics as lite0_<k>."""
+    out: dict = {}
+    for r in rows:
+        out.setdefault(r.get("variant", "defaults"), {}).setdefault(r["method"], []).append(r)
+    summary = {}
+    for v, by_m in out.items():
+        summary[v] = {}
+        for m, rs in by_m.items():
+            ok = [r for r in rs if not r.get("error")]
+            s = {k: _mean_sd([r.get(k) for r in ok]) for k in PIXEL_KEYS}
+            s.update({f"lite0_{k}": _mean_sd([r["lite0"][k] for r in ok if "lite0" in r]) for k in LITE0_KEYS})
+            s["time_s"] = _mean_sd([r.get("time_s", 0.0) for r in ok])
+            for stage in ("token", "unet"):
+                s[f"{stage}_s"] = _mean_sd([r["stage_s"][stage] for r in ok if stage in r.get("stage_s", {})])
+            s["delta_rel_median"] = _mean_sd([r["delta"]["rel_median"] for r in ok if "delta" in r])
+            s["n"] = len(ok)
+            s["failed"] = len(rs) - len(ok)
+            summary[v][m] = s
+    return summary
+
+
+def print_tables(result: dict) -> None:
+    summary = result["summary"]
+    print(f"\nPersonalization of {len(result['subjects'])} held-out miniworld concepts from 4 images, seeds "
+          f"{result['seeds']}; mean ± sd over subjects x seeds. Real emoji hf "
+          f"{result['setting']['hf_ref_real_emoji']:.4f}.")
+
+    def c(s, k, prec=3):
+        mu, sd = s.get(k, (float("nan"), float("nan")))
+        return f"{mu:.{prec}f}±{sd:.{prec}f}"
+
+    cols = (("fidelity", "fid"), ("pres", "pres"), ("drift", "drift"), ("div", "div"), ("forget", "forget"),
+            ("prompt", "prompt"))
+    for space, prefix, note in (("pixel", "", "16x16 RGB RMS distance (fid, pres: to the nearest subject image, "
+                                               "lower = closer)"),
+                                ("lite0", "lite0_", "EfficientNet-Lite0 cosine (fid, pres: similarity to the subject, "
+                                                    "higher = closer; drift, div, forget: distance)")):
+        if not any(f"{prefix}fidelity" in s and not math.isnan(s[f"{prefix}fidelity"][0])
+                   for by_m in summary.values() for s in by_m.values()):
+            continue
+        print(f"\n{space}: {note}")
+        print(f"{'variant':30s} {'method':20s} " + " ".join(f"{h:>13s}" for _, h in cols)
+              + (f" {'hf':>7s} {'dW/W':>6s} {'time s':>9s}" if space == "pixel" else ""))
+        for v, by_m in summary.items():
+            for m, s in by_m.items():
+                line = f"{v[:30]:30s} {m:20s} " + " ".join(f"{c(s, prefix + k):>13s}" for k, _ in cols)
+                if space == "pixel":
+                    line += f" {s['hf'][0]:7.4f} {s['delta_rel_median'][0]:6.3f} {c(s, 'time_s', 0):>9s}"
+                print(line + (f"  ({s['failed']} failed)" if s.get("failed") else ""))
+
+
+def write_grids(result: dict, saved: dict, out_dir: str, stem: str, seed: int) -> None:
+    """<stem>_samples.png: per subject its 4 images, the base model's class-prompt samples, then the
+    instance-prompt samples of every (variant, method); <stem>_drift.png: per subject the class-prompt
+    samples of the base model and of every (variant, method). Labelled rows (trainer/grids)."""
+    import torch
+
+    from comfyui_domainstudio.trainer import grids
+
+    index = {name: si for si, name in result["subject_index"].items()}
+    variants = [v for v in result["variants"]]
+    pairs = [(v, m) for v in variants for m in result["methods"]]
+
+    def label(v, m):
+        return SHORT.get(m, m) if len(variants) == 1 else f"{SHORT.get(m, m)} {v}"
+
+    for kind, fname in (("instance", f"{stem}_samples.png"), ("class", f"{stem}_drift.png")):
+        rows = []
+        for name in result["subjects"]:
+            si = index[name]
+            noun = result["class_nouns"][name]
+            if kind == "instance":
+                rows.append((torch.from_numpy(saved[f"{si}/subject"] / 255.0), f"{name} (4 images)"))
+            if f"{si}/base/{seed}/class" in saved:
+                rows.append((torch.from_numpy(saved[f"{si}/base/{seed}/class"] / 255.0), f"base: {noun}"))
+            for v, m in pairs:
+                k = f"{si}/{_key(v, m)}/{seed}/{kind}"
+                if k in saved:
+                    rows.append((torch.from_numpy(saved[k] / 255.0), label(v, m)))
+        if rows:
+            width = max(120, 7 * max(len(lbl) for _, lbl in rows) + 8)
+            grids.save_png(grids.to_uint8(grids.labelled_rows(rows, label_width=width)[0]), os.path.join(out_dir, fname))
 
 
 if __name__ == "__main__":

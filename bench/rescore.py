@@ -1,9 +1,11 @@
-"""Re-score the domain benchmark's saved samples in EfficientNet-Lite0 feature space.
+"""Re-score saved samples in EfficientNet-Lite0 feature space: results of bench/personalize_quality.py,
+and of the earlier, pixel-feature version of bench/domain_quality.py (the current one scores in
+Lite0 space itself).
 
     eval "$(bash .ci/setup.sh | tail -2)"
     $DS_VENV/bin/python bench/rescore.py bench/results/domain_quality.json [more.json ...] [--threads 1]
 
-bench/domain_quality.py writes <result>.json and every image it scored to <result>_samples.npz
+The earlier bench/domain_quality.py wrote <result>.json and every image it scored to <result>_samples.npz
 (uint8 [N,64,64,3]: shots, eval_twitter, eval_google, classifier_google, classifier_twitter,
 "<method>/<seed>/domain", "<method>/<seed>/content"). This script recomputes its metrics for every
 (method, seed) with bench/features.py's ImageNet EfficientNet-Lite0 features (1280-d, penultimate
@@ -43,18 +45,15 @@ import time
 import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
 
-
-def _load(name: str, filename: str):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "bench", filename))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-dq = _load("domain_quality", "domain_quality.py")
-features = _load("bench_features", "features.py")
+if "bench_domain_quality" in sys.modules:
+    dq = sys.modules["bench_domain_quality"]
+else:
+    _spec = importlib.util.spec_from_file_location("bench_domain_quality", os.path.join(REPO, "bench", "domain_quality.py"))
+    dq = importlib.util.module_from_spec(_spec)
+    sys.modules["bench_domain_quality"] = dq
+    _spec.loader.exec_module(dq)
+features = dq.bench_module("features")
 
 METRICS = ("style", "diversity", "memorize", "content_to_target", "content_style", "kid_twitter", "kid_google")
 PIXEL_METRICS = ("style", "diversity", "memorize", "content_to_target", "content_style")
@@ -103,6 +102,9 @@ def rescore(json_path: str, extract, log=print) -> dict:
         result = json.load(f)
     if "rows" not in result or "setting" not in result:
         raise ValueError(f"{json_path}: not a bench/domain_quality.py result (no 'setting'/'rows')")
+    if result["rows"] and "recipe" in result["rows"][0]:
+        raise ValueError(f"{json_path}: already scored in Lite0 space by bench/domain_quality.py (this script "
+                         "re-scores results of its earlier, pixel-feature version)")
     npz = samples_path(json_path, result)
     if not os.path.exists(npz):
         raise FileNotFoundError(f"{json_path}: no samples file {npz} (results written before "

@@ -480,6 +480,17 @@ def ddim_sample(unet, ctx: torch.Tensor, uncond: torch.Tensor, seed: int, steps:
     return x
 
 
+def cycle_end(step: int, cycles, total: int) -> int:
+    """The end of the cosine cycle ``step`` is in: the first of ``cycles`` (ascending step counts)
+    above ``step``, else ``total``. Each later cycle continues the cosine from where a schedule
+    ending at its end would be (a warm restart to a lower learning rate), as `--unet-steps N` did
+    when the recorded run was extended from a finished checkpoint."""
+    for c in sorted(cycles or ()):
+        if step < c:
+            return c
+    return total
+
+
 def stage_unet(a, dev, work: str) -> dict:
     final = os.path.join(work, "unet_factors_fp16.safetensors")
     rec_path = os.path.join(work, "record_unet.json")
@@ -525,7 +536,7 @@ def stage_unet(a, dev, work: str) -> dict:
                      "step": step, "wall": wall0 + time.time() - t0, "losses": torch.tensor(losses)}, ckpt)
 
     while step < total:
-        lr = a.unet_lr * cosine_lr(step, total, 200, floor=0.1)
+        lr = a.unet_lr * cosine_lr(step, cycle_end(step, a.unet_cycles, total), 200, floor=0.1)
         for pg in opt.param_groups:
             pg["lr"] = lr
         bi = torch.randint(0, len(names), (batch,), generator=g)
@@ -565,7 +576,9 @@ def stage_unet(a, dev, work: str) -> dict:
     sd = _fp16(unet.state_dict())
     _save(sd, final, {"format": "miniworld factorised comfy UNetModel (miniworld/factor.py)",
                       "config": json.dumps(config.UNET_CONFIG), "ranks": json.dumps(config.UNET_RANKS)})
-    rec = {"steps": total, "batch": batch, "lr": a.unet_lr, "schedule": "linear warm-up 200, cosine to 10 %",
+    rec = {"steps": total, "batch": batch, "lr": a.unet_lr,
+           "schedule": "linear warm-up 200, cosine to 10 %" + (f" over cycles ending at {sorted(a.unet_cycles)} and {total}"
+                                                              if a.unet_cycles else ""),
            "ema_decay": a.ema, "seed": config.SEED, "data_seed": config.SEED + 7, "bf16_autocast": a.bf16,
            "wall_s": round(wall, 1), "img_per_s": round(total * batch / wall, 2), "n_concepts": len(names),
            "n_captions": len(cs.captions), "caption_dropout": config.CAPTION_DROPOUT,
@@ -651,6 +664,8 @@ def main(argv=None) -> None:
     p.add_argument("--unet-steps", type=int, default=config.UNET_STEPS)
     p.add_argument("--unet-batch", type=int, default=config.UNET_BATCH)
     p.add_argument("--unet-lr", type=float, default=config.UNET_LR)
+    p.add_argument("--unet-cycles", type=int, nargs="*", default=list(config.UNET_CYCLES),
+                   help="ends of earlier cosine cycles (warm restarts), e.g. 2000 3000")
     p.add_argument("--ema", type=float, default=config.EMA_DECAY)
     p.add_argument("--ckpt-every", type=int, default=200, help="checkpoint every N steps (and on SIGTERM/SIGINT)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's default)")

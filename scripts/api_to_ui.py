@@ -56,7 +56,7 @@ FRONTEND_ONLY = {"Note", "MarkdownNote"}  # UI nodes that never reach /prompt
 # Layout (canvas units). Heights follow litegraph's computeSize (measured in the 1.32 and 1.47
 # frontends): a slot row is 20, a plain widget 24, a multiline text at least 54 (given MULTILINE_H
 # here, room to read a prompt), 14 of padding; the title bar (TITLE_H) is drawn above `pos`.
-SLOT_H, WIDGET_H, MULTILINE_H, PAD_H, TITLE_H = 20, 24, 96, 14, 30
+SLOT_H, WIDGET_H, MULTILINE_H, PAD_H, TITLE_H = 20, 24, 96, 20, 30
 # DOM widgets that frontend extensions add to nodes, by node type: js/domainstudio.js gives the two
 # trainer nodes their progress display (getMinHeight 170, plus the frontend's 4 of margin).
 DOM_WIDGETS = {"DomainStudio_Train": 174, "DomainStudio_Personalize": 174}

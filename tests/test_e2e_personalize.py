@@ -56,14 +56,16 @@ def _run_trainer_example(server, name, **changes):
     assert events[-1]["message"].startswith("saved ") and all(f in events[-1]["message"] for f in saved), \
         (events[-1]["message"], saved)
     stages = [e["stage"] for e in events[:-1]]
-    expected = {"rare_token": ["token", "unet"], "textual_inversion": ["token"], "dreambooth": ["unet"]}[example.method]
+    expected = {"rare_token": ["token", "unet"], "textual_inversion": ["token"],
+                "dreambooth": ["class images", "unet"]}[example.method]
     assert [s for i, s in enumerate(stages) if i == 0 or stages[i - 1] != s] == expected, stages
     if example.method == "dreambooth":
-        # Class images carry no loss: the node reports them through the stock progress bar only,
-        # counted in the same total before the UNet steps.
-        # (class images are cached in memory per base model, prompt and seed: a repeat jumps to n).
+        # Class images carry no loss: their events have the stage and progress line only, counted in
+        # the same total before the UNet steps (they are cached in memory per base model, prompt
+        # and seed: a repeat jumps to n).
         n = wf[example.trainer]["inputs"]["class_images"]
-        assert events[0]["step"] > n, events[0]
+        assert events[0]["step"] <= n and not events[0]["loss"]["steps"], events[0]
+        assert [e for e in events if e["stage"] == "unet"][0]["step"] > n
         values = [p["value"] for p in r.progress(example.trainer)]
         assert values == sorted(values) and n in values, values
     ex.check_preview(r, example)

@@ -362,7 +362,7 @@ ROWS += [
     # --- Widths: an SDXL embedding keeps each encoder's width (768 and 1280) and is saved.
     subject("subject_sdxl_embedding_keeps_each_encoder_width", None, model=SDXL_MODEL, clip=SDXL_CLIP,
             method="textual_inversion", new_token="ds_wide", num_vectors=2, save_name="hd_wide",
-            no_new_files_in=("{loras}",), message=("saved ds_wide.safetensors",),
+            no_new_files_in=("{loras}",), message=("saved embeddings/ds_wide.safetensors",),
             verify=_embedding_widths("ds_wide", {"clip_l": 768, "clip_g": 1280}, 2)),
     # --- Memory guard: refused before training with the estimate, what is free, and what would fit.
     subject("memory_resolution_4096_image_set", MEMORY + ("resolution",), images=None,
@@ -386,10 +386,10 @@ ROWS += [
             save_name="hd_c_tok", cancel_at=2, no_new_files_in=(), verify=_kept("{embeddings}", "ds_ctok", 0)),
     subject("cancel_token_stage_discard", None, method="rare_token", new_token="ds_ctokd", ti_steps=5,
             on_cancel="discard", save_name="hd_c_tokd", cancel_at=2, verify=_nothing_kept),
-    subject("cancel_unet_stage_keep", None, method="rare_token", new_token="ds_cunet", unet_steps=5,
+    subject("cancel_unet_stage_keep", None, method="rare_token", new_token="ds_cunet", unet_steps=12,
             save_name="hd_c_unet", cancel_at=3, no_new_files_in=(),
             verify=_kept("{loras}", "hd_c_unet", 1, extra=("{embeddings}/ds_cunet.safetensors",))),
-    subject("cancel_unet_stage_discard", None, method="rare_token", new_token="ds_cunetd", unet_steps=5,
+    subject("cancel_unet_stage_discard", None, method="rare_token", new_token="ds_cunetd", unet_steps=12,
             on_cancel="discard", save_name="hd_c_unetd", cancel_at=3, verify=_nothing_kept),
     domain("cancel_domainstudio_keep", None, method="domainstudio", batch_size=3, steps=5, save_name="hd_c_dom",
            cancel_at=2, no_new_files_in=(), verify=_kept("{loras}", "hd_c_dom", 0)),
@@ -1256,7 +1256,8 @@ def test_node_back_to_back_runs_leave_the_model_and_memory_alone(node_ctx):
     for i in range(B2B_RUNS):
         with torch.inference_mode():
             out = cls.execute(**{**inputs, "train_seed": i, "steps": 2, "save_name": "hd_b2b"}).result
-        saved += [ln for ln in out[3].splitlines() if ln.endswith(".safetensors")]
+        saved += [node_ctx.comfy.folder_paths.get_full_path("loras", ln.partition("/")[2])
+                  for ln in out[3].splitlines() if ln.endswith(".safetensors")]
         del out
         gc.collect()
         rss.append(hardening.rss_bytes())

@@ -415,7 +415,7 @@ def test_confined_listing_skips_files_linking_out_and_names_files_relatively(tre
 
 
 def test_os_error_text_does_not_name_server_paths(tree, monkeypatch):
-    import trainer.imageset as m
+    import comfyui_domainstudio.trainer.imageset as m
 
     real_open = Image.open
     secret = os.path.join(tree["input"], "set", "a.png")

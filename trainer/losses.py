@@ -114,13 +114,16 @@ def pairwise_similarity_log_probs(x: Tensor) -> Tensor:
             f"{tuple(x.shape)}"
         )
     n = x.shape[0]
-    flat = x.reshape(n, -1).float()
-    unit = flat / flat.norm(dim=1, keepdim=True).clamp_min(_COS_EPS)
-    sim = unit @ unit.t()
-    off_diag = ~torch.eye(n, dtype=torch.bool, device=sim.device)
-    # Boolean indexing is row-major, so this keeps j ascending within each row.
-    sim = sim[off_diag].reshape(n, n - 1)
-    return torch.log_softmax(sim, dim=1)
+    # Outside autocast: under bf16 autocast (training precision on a GPU, or precision=bf16) the
+    # matmul below would round the cosines to ~4e-3, far above the KL terms' own size (1e-6..1e-3).
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        flat = x.reshape(n, -1).float()
+        unit = flat / flat.norm(dim=1, keepdim=True).clamp_min(_COS_EPS)
+        sim = unit @ unit.t()
+        off_diag = ~torch.eye(n, dtype=torch.bool, device=sim.device)
+        # Boolean indexing is row-major, so this keeps j ascending within each row.
+        sim = sim[off_diag].reshape(n, n - 1)
+        return torch.log_softmax(sim, dim=1)
 
 
 def relative_distance_kl(adapted: Tensor, source: Tensor, reduction: str = "mean") -> Tensor:

@@ -58,7 +58,7 @@ def _proc_kib(field_name: str) -> int | None:
         return None
 
 
-def _release_free_heap() -> None:
+def release_free_heap() -> None:
     """Hand freed heap memory back to the OS (glibc malloc_trim), so that a measurement's
     allocations show as RSS growth instead of silently reusing memory freed before it."""
     try:
@@ -70,7 +70,7 @@ def _release_free_heap() -> None:
 
 
 def _reset_cpu_peak() -> bool:
-    _release_free_heap()
+    release_free_heap()
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")

@@ -518,6 +518,8 @@ def _probe(host: Host, m: Method, cfg, opts: RunOptions, stage, prompts: Prompts
     finally:
         if adapter is not None:
             adapter.detach()
+        del inputs, params
+        memory.release_free_heap()  # the probe's activations must not stay in the process's heap
     added = result.get("added")
     if added is None:
         return None

@@ -1,0 +1,376 @@
+"""The style / diversity frontier: DomainStudio against plain fine-tuning and DreamBooth with prior in
+the miniature SD world, over steps x learning rate x lambda (x feature space), 3 seeds and 2 target
+styles, in one picture.
+
+    eval "$(bash .ci/setup.sh | tail -2)"
+    OMP_NUM_THREADS=1 nice -n 10 $DS_VENV/bin/python bench/frontier.py            # resumable; ~2.5 h of one core
+    $DS_VENV/bin/python bench/frontier.py --plot-only                              # table + picture from the JSON
+
+Every setting of GRID trains once per (target style, seed) to the largest step count and is sampled
+at every step count of --checkpoints on the way (the live LoRA through ComfyUI's stock LoRA loader,
+between two pieces of the training loop), so a step sweep costs one training. Each point: --samples
+"a sks emoji" samples (stock euler sampler, CFG 5, 20 steps, the same noise for every model of a
+seed) scored in EfficientNet-Lite0 space by bench/domain_quality.py's World:
+
+* style      P(target style) of a logistic-regression classifier on real renderings (x axis);
+* diversity  intra-cluster diversity (Intra-LPIPS recipe, cosine distance; y, left panels);
+* shot_dist  mean distance to the nearest shot (lower = copies; y, right panels).
+
+Results go to bench/results/frontier.json after every run (a stopped sweep continues where it
+stopped), the picture to bench/results/frontier.png (PIL; one row per target style), and the table
+(mean ± sd over seeds per setting and step count) is printed. `--settings` picks a subset of GRID.
+
+The claim tested (the DomainStudio paper's): at equal target style, DomainStudio keeps more diversity
+and copies the shots less than fine-tuning. `compare()` reads it off the curves: for each method
+family, the best diversity (and the largest shot distance) reached among its points whose style is
+within a band, per style band.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import os
+import sys
+import time
+
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if "bench_domain_quality" in sys.modules:
+    dq = sys.modules["bench_domain_quality"]
+else:
+    _spec = importlib.util.spec_from_file_location("bench_domain_quality", os.path.join(REPO, "bench", "domain_quality.py"))
+    dq = importlib.util.module_from_spec(_spec)
+    sys.modules["bench_domain_quality"] = dq
+    _spec.loader.exec_module(dq)
+
+OUT_JSON = os.path.join(REPO, "bench", "results", "frontier.json")
+OUT_PNG = os.path.join(REPO, "bench", "results", "frontier.png")
+STYLES = ("twitter", "openmoji")
+SEEDS = (0, 1, 2)
+CHECKPOINTS = (50, 100, 200, 400)
+
+# name -> (family, Recipe). LoRA runs use the pack's RunOptions defaults (lora_attn, rank 8, alpha 8):
+# the evidence then applies to the defaults a user gets.
+_OFF = dq.LAMBDAS_OFF
+
+
+def _ds(lam: float, lr: float, hfmse: float = 0.1, **extra) -> "dq.Recipe":
+    return dq.Recipe("domainstudio", {"lambda_img": lam, "lambda_hf": lam, "lambda_hfmse": hfmse, "learning_rate": lr,
+                                      **extra})
+
+
+# In the order a seed runs them: the settings the claim needs first.
+GRID: dict[str, tuple[str, "dq.Recipe"]] = {
+    "ft_lr1e-3": ("finetune", dq.Recipe("finetune", {"learning_rate": 1e-3})),
+    "ds_paper_lr1e-3": ("domainstudio", _ds(1e2, 1e-3)),                # the paper's lambdas 100 / 100 / 0.1
+    "ds_nohfmse_lr1e-3": ("domainstudio", _ds(1e2, 1e-3, hfmse=0.0)),   # without the paired HF MSE
+    "db_prior_lr1e-3": ("dreambooth_prior", dq.Recipe("domainstudio", {**_OFF, "prior_images": 20,
+                                                                       "learning_rate": 1e-3})),
+    "ds_l1e3_nohfmse_lr1e-3": ("domainstudio", _ds(1e3, 1e-3, hfmse=0.0)),
+    "ft_lr3e-4": ("finetune", dq.Recipe("finetune", {"learning_rate": 3e-4})),
+    "ftfull_lr3e-5": ("finetune_full", dq.Recipe("finetune", {"learning_rate": 3e-5}, {"train_mode": "full_attn"})),
+    # the paper's feature space (decoded pixels)
+    "ds_pixel_lr1e-3": ("domainstudio", _ds(1e2, 1e-3, feature_space="pixel")),
+}
+# The default sweep (fits ~2.5 h of one core: 5 settings x 2 styles x 3 seeds); the others are extras
+# run on fewer seeds (--settings ... --seeds 0).
+DEFAULT_SETTINGS = ["ft_lr1e-3", "ds_paper_lr1e-3", "ds_nohfmse_lr1e-3", "db_prior_lr1e-3", "ds_l1e3_nohfmse_lr1e-3"]
+FAMILIES = ("finetune", "finetune_full", "dreambooth_prior", "domainstudio")
+COLORS = {"finetune": (31, 119, 180), "finetune_full": (23, 190, 207), "dreambooth_prior": (255, 127, 14),
+          "domainstudio": (214, 39, 40), "base": (60, 60, 60)}
+
+
+def load(path: str) -> dict:
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    return {"runs": {}, "base": {}}
+
+
+def save(result: dict, path: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(result, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+def run_id(setting: str, style: str, seed: int) -> str:
+    return f"{setting}/{style}/{seed}"
+
+
+# ---------------------------------------------------------------------------------------------
+# aggregation
+# ---------------------------------------------------------------------------------------------
+
+METRICS = ("style", "diversity", "shot_dist", "kid_target")
+
+
+def points(result: dict) -> list[dict]:
+    """Mean ± sd over seeds for every (style, setting, step) with all its seeds' runs done, plus
+    the base model (step 0) per style."""
+    out = []
+    groups: dict = {}
+    for rid, run in result["runs"].items():
+        for step, m in run["points"].items():
+            groups.setdefault((run["style"], run["setting"], int(step)), []).append(m)
+    for (style, setting, step), ms in sorted(groups.items()):
+        row = {"target": style, "setting": setting, "family": result.get("families", {}).get(setting, setting),
+               "step": step, "n_seeds": len(ms)}
+        for k in METRICS:
+            row[k] = dq.mean_sd([m[k] for m in ms])
+        out.append(row)
+    for style, per_seed in result.get("base", {}).items():
+        ms = list(per_seed.values())
+        row = {"target": style, "setting": "base", "family": "base", "step": 0, "n_seeds": len(ms)}
+        for k in METRICS:
+            row[k] = dq.mean_sd([m[k] for m in ms])
+        out.append(row)
+    return out
+
+
+STYLE_BANDS = ((0.3, 0.6), (0.6, 0.85), (0.85, 1.01))
+
+
+def compare(pts: list[dict]) -> dict:
+    """Per target style and style band: for each method family the best diversity and the largest
+    shot distance among its (setting, step) points whose mean style lies in the band (None: no point
+    there). 'At equal style' is read as 'within the same band'."""
+    out: dict = {}
+    for style in sorted({p["target"] for p in pts}):
+        out[style] = {}
+        for lo, hi in STYLE_BANDS:
+            band = {}
+            for fam in FAMILIES:
+                inside = [p for p in pts if p["target"] == style and p["family"] == fam and lo <= p["style"][0] < hi]
+                if inside:
+                    best_div = max(inside, key=lambda p: p["diversity"][0])
+                    best_far = max(inside, key=lambda p: p["shot_dist"][0])
+                    band[fam] = {"diversity": best_div["diversity"], "diversity_at": f"{best_div['setting']}@{best_div['step']}",
+                                 "shot_dist": best_far["shot_dist"], "shot_dist_at": f"{best_far['setting']}@{best_far['step']}",
+                                 "points": len(inside)}
+                else:
+                    band[fam] = None
+            out[style][f"{lo:.2f}-{min(hi, 1.0):.2f}"] = band
+    return out
+
+
+def table(pts: list[dict], log=print) -> None:
+    log(f"{'style':9s} {'setting':18s} {'step':>5s} {'n':>2s} {'style score ↑':>16s} {'diversity ↑':>16s} "
+        f"{'shot dist ↑':>16s} {'KID→target ↓':>16s}")
+    for p in sorted(pts, key=lambda p: (p["target"], p["setting"] != "base", p["setting"], p["step"])):
+        cells = " ".join(f"{p[k][0]:8.4f}±{p[k][1]:<7.4f}" for k in METRICS)
+        log(f"{p['target']:9s} {p['setting']:18s} {p['step']:5d} {p['n_seeds']:2d} {cells}")
+
+
+# ---------------------------------------------------------------------------------------------
+# the picture (PIL: matplotlib is not a dependency)
+# ---------------------------------------------------------------------------------------------
+
+def _font(size: int):
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1: the bitmap font only
+        return ImageFont.load_default()
+
+
+def plot(pts: list[dict], path: str, title: str = "") -> None:
+    """One picture: a row per target style; left panel style vs diversity, right panel style vs
+    shot distance. A line per setting through its step counts (marker size grows with steps), error
+    bars = sd over seeds, the base model as a black square."""
+    from PIL import Image, ImageDraw
+
+    styles = [s for s in STYLES if any(p["target"] == s for p in pts)] or sorted({p["target"] for p in pts})
+    pw, ph, ml, mr, mt, mb = 520, 360, 70, 20, 40, 55
+    legend_h = 120
+    width, height = 2 * (pw + ml + mr), len(styles) * (ph + mt + mb) + legend_h + 40
+    img = Image.new("RGB", (width, height), "white")
+    d = ImageDraw.Draw(img)
+    f_small, f_mid, f_big = _font(13), _font(15), _font(18)
+    d.text((10, 8), title or "Style vs diversity and copying (miniworld, Lite0 features; mean ± sd over seeds)",
+           fill="black", font=f_big)
+    for r, style in enumerate(styles):
+        sp = [p for p in pts if p["target"] == style]
+        for c, (key, label) in enumerate((("diversity", "diversity (intra-cluster, cosine; higher = more varied)"),
+                                          ("shot_dist", "distance to the nearest shot (low = copies)"))):
+            x0, y0 = c * (pw + ml + mr) + ml, 40 + r * (ph + mt + mb) + mt
+            ys = [p[key][0] for p in sp] + [p[key][0] + p[key][1] for p in sp] + [p[key][0] - p[key][1] for p in sp]
+            ylo, yhi = (min(ys), max(ys)) if ys else (0.0, 1.0)
+            pad = 0.08 * (yhi - ylo or 1.0)
+            ylo, yhi = ylo - pad, yhi + pad
+
+            def X(v):
+                return x0 + (min(max(v, 0.0), 1.0)) * pw
+
+            def Y(v, ylo=ylo, yhi=yhi, y0=y0):
+                return y0 + ph - (v - ylo) / (yhi - ylo) * ph
+
+            d.rectangle([x0, y0, x0 + pw, y0 + ph], outline=(0, 0, 0))
+            for t in range(6):
+                xv = t / 5
+                d.line([X(xv), y0 + ph, X(xv), y0 + ph + 4], fill="black")
+                d.text((X(xv) - 10, y0 + ph + 6), f"{xv:.1f}", fill="black", font=f_small)
+                yv = ylo + t / 5 * (yhi - ylo)
+                d.line([x0 - 4, Y(yv), x0, Y(yv)], fill="black")
+                d.text((x0 - 52, Y(yv) - 7), f"{yv:.3f}", fill="black", font=f_small)
+                d.line([x0 + 1, Y(yv), x0 + pw - 1, Y(yv)], fill=(235, 235, 235))
+            d.text((x0, y0 - 22), f"{dq.bench_module('emoji_styles').TITLES.get(style, style)}: {label}",
+                   fill="black", font=f_mid)
+            d.text((x0 + pw // 2 - 90, y0 + ph + 24), "style score P(target style)", fill="black", font=f_small)
+            settings = sorted({p["setting"] for p in sp if p["setting"] != "base"})
+            for s in settings:
+                line = sorted([p for p in sp if p["setting"] == s], key=lambda p: p["step"])
+                fam = line[0]["family"]
+                col = COLORS.get(fam, (120, 120, 120))
+                shade = _shade(col, s, settings, fam, sp)
+                xy = [(X(p["style"][0]), Y(p[key][0])) for p in line]
+                if len(xy) > 1:
+                    d.line(xy, fill=shade, width=2)
+                for i, p in enumerate(line):
+                    x, y = X(p["style"][0]), Y(p[key][0])
+                    ex, ey = p["style"][1] * pw, p[key][1] / (yhi - ylo) * ph
+                    d.line([x - ex, y, x + ex, y], fill=_light(shade))
+                    d.line([x, y - ey, x, y + ey], fill=_light(shade))
+                    rad = 2 + i
+                    d.ellipse([x - rad, y - rad, x + rad, y + rad], fill=shade)
+            for p in sp:
+                if p["setting"] == "base":
+                    x, y = X(p["style"][0]), Y(p[key][0])
+                    d.rectangle([x - 5, y - 5, x + 5, y + 5], fill=COLORS["base"])
+    # legend
+    ly = height - legend_h - 10
+    settings = sorted({p["setting"] for p in pts if p["setting"] != "base"})
+    d.text((ml, ly), "lines: one setting through its step counts (dot size grows with steps: "
+           + ", ".join(str(s) for s in sorted({p['step'] for p in pts if p['step']})) + "); black square: base model",
+           fill="black", font=f_small)
+    for i, s in enumerate(settings):
+        fam = next(p["family"] for p in pts if p["setting"] == s)
+        col = _shade(COLORS.get(fam, (120, 120, 120)), s, settings, fam, pts)
+        x, y = ml + (i % 4) * 260, ly + 24 + (i // 4) * 22
+        d.rectangle([x, y + 3, x + 14, y + 13], fill=col)
+        d.text((x + 20, y), s, fill="black", font=f_small)
+    img.save(path + ".tmp.png")
+    os.replace(path + ".tmp.png", path)
+
+
+def _shade(col, setting, settings, family, pts):
+    """Settings of one family get darker-to-lighter variants of the family colour."""
+    same = [s for s in settings if any(p["setting"] == s and p["family"] == family for p in pts)]
+    k = same.index(setting) if setting in same else 0
+    f = 0.55 + 0.45 * (k / max(1, len(same) - 1)) if len(same) > 1 else 1.0
+    return tuple(int(255 - (255 - v) * f) for v in col)
+
+
+def _light(col):
+    return tuple(int(255 - (255 - v) * 0.45) for v in col)
+
+
+# ---------------------------------------------------------------------------------------------
+# the sweep
+# ---------------------------------------------------------------------------------------------
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--settings", nargs="+", default=DEFAULT_SETTINGS, choices=list(GRID))
+    ap.add_argument("--styles", nargs="+", default=list(STYLES))
+    ap.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS))
+    ap.add_argument("--checkpoints", nargs="+", type=int, default=list(CHECKPOINTS))
+    ap.add_argument("--samples", type=int, default=24)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", default=OUT_JSON)
+    ap.add_argument("--png", default=OUT_PNG)
+    ap.add_argument("--plot-only", action="store_true", help="redraw the table and the picture from --out")
+    ap.add_argument("--max-runs", type=int, default=0, help="stop after this many new runs (0: all)")
+    args = ap.parse_args(argv)
+    result = load(args.out)
+    result.setdefault("families", {}).update({s: GRID[s][0] for s in GRID})
+    if args.plot_only:
+        return finish(result, args)
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    steps = max(args.checkpoints)
+    extract = dq.bench_module("features").Lite0Features()
+    bench = dq.Bench(batch=args.samples)
+    result["setting"] = {"target_prompt": dq.TARGET_PROMPT, "source_prompt": dq.SOURCE_PROMPT, "steps": steps,
+                         "checkpoints": args.checkpoints, "samples": args.samples, **bench.describe(),
+                         "grid": {s: {"family": GRID[s][0], "method": GRID[s][1].method, "config": GRID[s][1].config,
+                                      "options": GRID[s][1].options} for s in GRID}}
+    worlds: dict = {}
+    # seed-major order: a sweep stopped early still has every setting on the first seeds
+    todo = [(seed, style, s) for seed in args.seeds for style in args.styles for s in args.settings
+            if run_id(s, style, seed) not in result["runs"]]
+    print(f"frontier: {len(todo)} runs to do ({len(result['runs'])} done), {steps} steps each, samples at "
+          f"{args.checkpoints}", flush=True)
+    new = 0
+    for seed, style, s in todo:
+        if args.max_runs and new >= args.max_runs:
+            break
+        if style not in worlds:
+            worlds[style] = dq.World(style, extract)
+            result.setdefault("worlds", {})[style] = worlds[style].describe()
+        world = worlds[style]
+        base = result.setdefault("base", {}).setdefault(style, {})
+        if str(seed) not in base:
+            base[str(seed)] = world.score(bench.sample(bench.model, dq.TARGET_PROMPT, args.samples, seed=seed))
+            save(result, args.out)
+        family, recipe = GRID[s]
+        t0 = time.perf_counter()
+        pts: dict = {}
+        sample_s = [0.0]
+
+        def on_checkpoint(step, model, pts=pts, world=world, seed=seed):
+            t1 = time.perf_counter()
+            pts[str(step)] = world.score(bench.sample(model, dq.TARGET_PROMPT, args.samples, seed=seed))
+            sample_s[0] += time.perf_counter() - t1
+
+        try:
+            info = bench.train(recipe, world.shots, seed=seed, steps=steps, checkpoints=args.checkpoints,
+                               on_checkpoint=on_checkpoint)
+        except Exception as e:  # noqa: BLE001 - a diverged setting is a result too
+            print(f"  {run_id(s, style, seed)}: failed: {e}", flush=True)
+            result.setdefault("failed", {})[run_id(s, style, seed)] = str(e)
+            save(result, args.out)
+            continue
+        result["runs"][run_id(s, style, seed)] = {
+            "setting": s, "family": family, "style": style, "seed": seed, "points": pts, "train_s": info["train_s"],
+            "seconds_per_step": info["seconds_per_step"], "sample_s": round(sample_s[0], 1), "losses": info["losses"],
+            "wall_s": round(time.perf_counter() - t0, 1)}
+        save(result, args.out)
+        new += 1
+        last = pts[str(steps)]
+        print(f"  {run_id(s, style, seed):32s} {info['train_s']:6.0f} s train + {sample_s[0]:4.0f} s sampling; at "
+              f"{steps}: style {last['style']:.3f} diversity {last['diversity']:.4f} shot dist {last['shot_dist']:.4f}",
+              flush=True)
+    return finish(result, args)
+
+
+def finish(result: dict, args) -> int:
+    pts = points(result)
+    table(pts)
+    cmp_ = compare(pts)
+    print("\nAt equal style (best point of each family inside a style band; diversity ↑, shot distance ↑):")
+    for style, bands in cmp_.items():
+        for band, fams in bands.items():
+            cells = []
+            for fam, v in fams.items():
+                cells.append(f"{fam} " + ("-" if v is None else f"div {v['diversity'][0]:.3f} ({v['diversity_at']}), "
+                                                              f"dist {v['shot_dist'][0]:.3f}"))
+            print(f"  {style:9s} style {band}: " + "; ".join(cells))
+    result["points"] = pts
+    result["compare"] = cmp_
+    save(result, args.out)
+    if pts:
+        plot(pts, args.png)
+        print(f"wrote {args.out} and {args.png}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -12,25 +12,30 @@ This module is also the library of bench/frontier.py and scripts/demo.py: the ta
 a registered method + settings + run options), training with samples at intermediate steps (`Bench.train`)
 and batched stock sampling (`Bench.sample`).
 
-Setting: text-conditional, target prompt "a sks emoji" vs source prompt "an emoji" (the paper's
-"a [V] house" vs "a house"); every recipe trains with the methods' own defaults unless it says
-otherwise (LoRA on the attention layers, rank 8, the pack's RunOptions defaults), the same steps,
-batch and seeds. Fixed splits (seed 0) of the 1,391 concepts: 10 shots and 10 evaluation emoji among
-the concepts the base model was trained on (so their names mean something to it), the rest for the
-style classifier. Metrics, all on Lite0 features (1280-d, cosine distance):
+Setting: text-conditional with per-image captions, the paper's "a [V] house" vs "a house" for a
+domain: each shot is captioned with its emoji's name, the adapted model learns it as
+"a sks emoji of <name>" and the frozen source model sees "an emoji of <name>" (both in the
+miniature's caption distribution: it was trained on "a <filler> emoji of <name>"; a bare
+"a sks emoji" draws shapeless blobs even before adaptation). Every recipe trains with the methods'
+own defaults unless it says otherwise (LoRA on the attention layers, rank 8: the pack's RunOptions
+defaults), the same steps, batch and seeds. Fixed splits (seed 0) of the 1,391 concepts: 10 shots
+and 24 evaluation emoji among the concepts the base model was trained on (so their names mean
+something to it), the rest for the style classifier. Each model draws "a sks emoji of <name>" once
+per evaluation name (the same noise for every model). Metrics, all on Lite0 features (1280-d,
+cosine distance):
 
-* style      mean P(target style) of the "a sks emoji" samples under a logistic-regression classifier
-             trained on the Google vs target renderings of the classifier split (its accuracy on the
-             evaluation emoji's real renderings is reported; ~1.0);
-* diversity  intra-cluster diversity, the Intra-LPIPS recipe with Lite0 cosine distance: each sample
-             is assigned to its nearest shot, mean pairwise distance inside each cluster (<= 50
-             members), averaged over clusters with >= 2 members (copying the shots scores 0);
-* shot_dist  mean distance from each sample to its nearest shot (lower = closer to copies);
-* kid_target Kernel Inception Distance (x1, unbiased) of the samples to the real target renderings
-             of the classifier split (lower = closer to the target domain);
-* content    "a sks emoji of <name>" for the 10 evaluation names: cosine distance to that emoji's
-             target-style rendering (right content in the target style; lower is better) and the
-             style score of these samples.
+* style        mean P(target style) of the samples under a logistic-regression classifier trained on
+               the Google vs target renderings of the classifier split (its accuracy on the
+               evaluation emoji's real renderings is reported);
+* diversity    intra-cluster diversity, the Intra-LPIPS recipe with Lite0 cosine distance: each
+               sample is assigned to its nearest shot, mean pairwise distance inside each cluster
+               (<= 50 members), averaged over clusters with >= 2 members (copying the shots scores 0);
+* shot_dist    mean distance from each sample to its nearest shot (lower = closer to copies);
+* content_dist mean distance from each sample to the real target-style rendering of the emoji it
+               names (right content in the target style; lower is better);
+* kid_target   Kernel Inception Distance (unbiased) of the samples to the real target renderings of
+               the classifier split (lower = closer to the target domain). Samples that are neither
+               style (garbage) can score a high style probability: KID and content_dist catch that.
 """
 
 from __future__ import annotations
@@ -52,9 +57,8 @@ import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(REPO, "bench")
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)  # miniworld/ (a top-level package of the repository)
-runpy.run_path(os.path.join(REPO, "__init__.py"))  # registers the pack as comfyui_domainstudio
+if "comfyui_domainstudio" not in sys.modules:  # the pack (and its miniworld) under its one name
+    runpy.run_path(os.path.join(REPO, "__init__.py"))
 
 from comfyui_domainstudio.trainer.grids import labelled_rows, save_png, tile_rows, to_uint8  # noqa: E402
 
@@ -74,9 +78,10 @@ def bench_module(name: str):
     return sys.modules[key]
 
 
-TARGET_PROMPT, SOURCE_PROMPT = "a sks emoji", "an emoji"
-CONTENT_TEMPLATE = "a sks emoji of {name}"
-N_SHOTS, N_EVAL = 10, 10
+TARGET_PROMPT, SOURCE_PROMPT = "a sks emoji of {caption}", "an emoji of {caption}"
+EVAL_TEMPLATE = "a sks emoji of {name}"
+CLASS_PROMPT = "an emoji"  # DreamBooth's class prompt for the domain
+N_SHOTS, N_EVAL = 10, 24
 
 
 # ---------------------------------------------------------------------------------------------
@@ -162,7 +167,7 @@ def mean_sd(values) -> tuple[float, float]:
     return statistics.mean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
 
 
-SUMMARY_KEYS = ("style", "diversity", "shot_dist", "kid_target", "content_dist", "content_style", "train_s")
+SUMMARY_KEYS = ("style", "diversity", "shot_dist", "content_dist", "kid_target", "train_s")
 
 
 def summarize(rows: list[dict], recipes: list[str], keys=SUMMARY_KEYS) -> dict:
@@ -174,8 +179,8 @@ def summarize(rows: list[dict], recipes: list[str], keys=SUMMARY_KEYS) -> dict:
 def print_table(rows: list[dict], recipes: list[str], title: str, log=print) -> dict:
     summary = summarize(rows, recipes)
     log(title)
-    log(f"{'recipe':26s} {'style ↑':>13s} {'diversity ↑':>15s} {'shot dist ↑':>15s} {'KID→target ↓':>15s} "
-        f"{'content dist ↓':>15s} {'train s':>8s}")
+    log(f"{'recipe':26s} {'style ↑':>13s} {'diversity ↑':>15s} {'shot dist ↑':>15s} {'content dist ↓':>15s} "
+        f"{'KID→target ↓':>15s} {'train s':>8s}")
     for m in recipes:
         s = summary[m]
 
@@ -183,8 +188,8 @@ def print_table(rows: list[dict], recipes: list[str], title: str, log=print) -> 
             mu, sd = s[k]
             return f"{mu:{p + 4}.{p}f}±{sd:<{p + 2}.{p}f}"
 
-        log(f"{m:26s} {c('style')} {c('diversity', 4)} {c('shot_dist', 4)} {c('kid_target', 4)} "
-            f"{c('content_dist', 4)} {s['train_s'][0]:8.1f}")
+        log(f"{m:26s} {c('style')} {c('diversity', 4)} {c('shot_dist', 4)} {c('content_dist', 4)} "
+            f"{c('kid_target', 4)} {s['train_s'][0]:8.1f}")
     return summary
 
 
@@ -193,7 +198,7 @@ def print_table(rows: list[dict], recipes: list[str], title: str, log=print) -> 
 # ---------------------------------------------------------------------------------------------
 
 def cache_dir() -> str:
-    from miniworld import config
+    from comfyui_domainstudio.miniworld import config
 
     d = os.path.join(config.cache_dir(), "bench")
     os.makedirs(d, exist_ok=True)
@@ -218,7 +223,7 @@ class World:
     renderings' Lite0 features, the style classifier, and the scoring of generated samples."""
 
     def __init__(self, style: str, extract, log=print):
-        from miniworld import data
+        from comfyui_domainstudio.miniworld import data
 
         styles = bench_module("emoji_styles")
         self.style, self.extract = style, extract
@@ -238,13 +243,14 @@ class World:
         f_tgt = cached_features(extract, self.target["images"], style)
         self.f_shots = f_tgt[sp["shots"]]
         self.f_eval_target = f_tgt[sp["eval"]]
+        self.prompts = [EVAL_TEMPLATE.format(name=n) for n in self.eval_names]
         self.f_cls_target, self.f_cls_source = f_tgt[sp["classifier"]], f_src[sp["classifier"]]
         self.clf = StyleClassifier(self.f_cls_source, self.f_cls_target)
         ok = np.concatenate([self.clf.prob(f_src[sp["eval"]]) < 0.5, self.clf.prob(f_tgt[sp["eval"]]) >= 0.5])
         self.classifier_accuracy = float(ok.mean())
         feats = bench_module("features")
         self.reference = {
-            "shots": self.score_features(self.f_shots),
+            "real_target_eval": self.score_features(self.f_eval_target),
             "real_source_eval": self.score_features(f_src[sp["eval"]]),
             "kid_source_vs_target": feats.kid(self.f_cls_source, self.f_cls_target),
         }
@@ -258,22 +264,29 @@ class World:
                 "classifier_accuracy_real": self.classifier_accuracy, "reference": self.reference}
 
     def score_features(self, f: np.ndarray) -> dict:
+        """Metrics of features of samples drawn from `self.prompts` (one per evaluation emoji, in order)."""
         feats = bench_module("features")
+        if len(f) != len(self.f_eval_target):
+            raise ValueError(f"{len(f)} samples for {len(self.f_eval_target)} evaluation prompts")
         return {"style": float(self.clf.prob(f).mean()),
                 "diversity": intra_cluster_diversity(f, self.f_shots, dist=feats.cosine_distances),
                 "shot_dist": memorization(f, self.f_shots, dist=feats.cosine_distances),
-                "kid_target": feats.kid(f, self.f_cls_target) if len(f) >= 2 else float("nan")}
+                "content_dist": float(np.diag(feats.cosine_distances(f, self.f_eval_target)).mean()),
+                "kid_target": feats.kid(f, self.f_cls_target)}
 
     def score(self, samples: np.ndarray) -> dict:
-        """Metrics of "a sks emoji" samples (uint8 [N, 64, 64, 3])."""
+        """Metrics of samples (uint8 [N, 64, 64, 3]) drawn from `self.prompts`."""
         return self.score_features(self.extract(samples))
 
-    def score_content(self, samples: np.ndarray) -> dict:
-        """Metrics of the "a sks emoji of <eval name>" samples, one per evaluation emoji in order."""
-        feats = bench_module("features")
-        f = self.extract(samples)
-        return {"content_dist": float(np.diag(feats.cosine_distances(f, self.f_eval_target)).mean()),
-                "content_style": float(self.clf.prob(f).mean())}
+    def training_set(self):
+        """The shots as the core takes them: an ImageSet whose captions are the emoji names."""
+        import torch
+
+        from comfyui_domainstudio.trainer.imageset import ImageSet
+
+        images = torch.from_numpy(self.shots.astype(np.float32) / 255.0)
+        return ImageSet(images=images, names=list(self.shot_names), resolution=int(images.shape[1]), flipped=False,
+                        warnings=[], captions=list(self.shot_names))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -314,10 +327,11 @@ RECIPES: dict[str, Recipe] = {
     "finetune": Recipe("finetune", note="plain fine-tuning (LoRA), the baseline"),
     "finetune_full": Recipe("finetune", {"learning_rate": 1e-5}, {"train_mode": "full_attn"},
                             note="plain fine-tuning of full attention weights"),
-    "dreambooth_prior": Recipe("domainstudio", {**LAMBDAS_OFF, "prior_images": 20},
+    "dreambooth_prior": Recipe("domainstudio", {**LAMBDAS_OFF, "prior_images": 20, "source_prompt": CLASS_PROMPT},
                                note="DreamBooth with prior for a domain: DomainStudio with every DomainStudio "
-                                    "term off and 20 class images of 'an emoji' (the registry's dreambooth is a "
-                                    "subject method: 'a photo of sks <class>')"),
+                                    "term off and 20 class images of 'an emoji' (the source prompt is only the "
+                                    "class prompt then; the registry's dreambooth is a subject method: "
+                                    "'a photo of sks <class>')"),
     "domainstudio": Recipe("domainstudio", note="DomainStudio, the method's defaults"),
     "domainstudio_no_pairwise": Recipe("domainstudio", {"lambda_img": 0.0}, note="without L_img"),
     "domainstudio_no_hf": Recipe("domainstudio", {"lambda_hf": 0.0, "lambda_hfmse": 0.0}, note="without L_hf, L_hfmse"),
@@ -350,8 +364,8 @@ class Bench:
 
     def __init__(self, checkpoint: str | None = None, bf16: bool | None = None, sample_steps: int = 20,
                  cfg: float = 5.0, batch: int = 24):
-        from miniworld import build
-        from miniworld.comfyenv import comfy
+        from comfyui_domainstudio.miniworld import build
+        from comfyui_domainstudio.miniworld.comfyenv import comfy
 
         comfy()
         import comfy.sd
@@ -430,9 +444,10 @@ class Bench:
             out.append(to_uint8(img.reshape(-1, *img.shape[-3:]).float().clamp(0, 1)))
         return np.concatenate(out)
 
-    def train(self, recipe: Recipe, images: np.ndarray, *, seed: int, steps: int | None = None,
+    def train(self, recipe: Recipe, images, *, seed: int, steps: int | None = None,
               checkpoints=(), on_checkpoint=None, on_progress=None, precision: str | None = None) -> dict:
-        """Train `recipe` on `images` (uint8 [N, 64, 64, 3]) with the core's run(); calls
+        """Train `recipe` on `images` (an ImageSet with captions, e.g. World.training_set()) with the
+        core's run(); calls
         on_checkpoint(step, MODEL) at every step of `checkpoints` below `steps` (the live delta
         through the stock LoRA loader, between two pieces of the loop) and at the end (the run's
         exact delta). Returns {"train_s", "steps", "delta", "losses", "seconds_per_step"}."""
@@ -455,8 +470,7 @@ class Bench:
                 pending.discard(p.stage_step)
                 on_checkpoint(p.stage_step, self.patched(self.host.adapter.state_dict()))
 
-        tensor = torch.from_numpy(np.asarray(images, np.float32) / 255.0)
-        out = core.run(self.host, recipe.method, cfg, tensor, opts, on_progress=progress)
+        out = core.run(self.host, recipe.method, cfg, images, opts, on_progress=progress)
         stage = out.stages[-1]
         if on_checkpoint is not None:
             on_checkpoint(total, self.patched(out.delta))
@@ -477,7 +491,6 @@ def main(argv=None) -> int:
     ap.add_argument("--style", default="twitter", help="target style: twitter or openmoji (bench/emoji_styles.py)")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--steps", type=int, default=None, help="training steps (default: each method's default)")
-    ap.add_argument("--samples", type=int, default=24, help="'a sks emoji' samples per (recipe, seed)")
     ap.add_argument("--sample-steps", type=int, default=20)
     ap.add_argument("--cfg", type=float, default=5.0)
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
@@ -500,7 +513,7 @@ def main(argv=None) -> int:
         done = [m for m in args.recipes if any(r["recipe"] == m for r in rows)]
         result = {"complete": complete, "setting": {
                       "target_prompt": TARGET_PROMPT, "source_prompt": SOURCE_PROMPT, "steps": args.steps,
-                      "samples": args.samples, "seeds": args.seeds, **bench.describe(), **world.describe()},
+                      "prompts": world.prompts, "seeds": args.seeds, **bench.describe(), **world.describe()},
                   "recipes": {m: {"method": RECIPES[m].method, "config": RECIPES[m].config,
                                   "options": RECIPES[m].options, "note": RECIPES[m].note} for m in args.recipes},
                   "rows": rows, "summary": summarize(rows, done), "samples_npz": os.path.basename(stem) + "_samples.npz",
@@ -513,7 +526,6 @@ def main(argv=None) -> int:
         os.replace(args.out + ".tmp", args.out)
         return result
 
-    content_prompts = [CONTENT_TEMPLATE.format(name=n) for n in world.eval_names]
     for name in args.recipes:
         recipe = RECIPES[name]
         for seed in args.seeds:
@@ -522,32 +534,30 @@ def main(argv=None) -> int:
             model = bench.model
             if recipe.method is not None:
                 got = {}
-                info = bench.train(recipe, world.shots, seed=seed, steps=args.steps,
+                info = bench.train(recipe, world.training_set(), seed=seed, steps=args.steps,
                                    on_checkpoint=lambda step, m: got.update(model=m))
                 model = got["model"]
-            dom = bench.sample(model, TARGET_PROMPT, args.samples, seed=seed)
-            con = bench.sample(model, content_prompts, seed=seed + 100)
-            row = {"recipe": name, "seed": seed, **world.score(dom), **world.score_content(con),
-                   "train_s": info["train_s"], "losses": info["losses"], "wall_s": round(time.perf_counter() - t0, 1)}
+            samples = bench.sample(model, world.prompts, seed=seed)
+            row = {"recipe": name, "seed": seed, **world.score(samples), "train_s": info["train_s"],
+                   "losses": info["losses"], "wall_s": round(time.perf_counter() - t0, 1)}
             rows.append(row)
-            saved[f"{name}/{seed}/domain"], saved[f"{name}/{seed}/content"] = dom, con
+            saved[f"{name}/{seed}/samples"] = samples
             print(f"{name:26s} seed {seed}: style {row['style']:.3f} diversity {row['diversity']:.4f} shot dist "
-                  f"{row['shot_dist']:.4f} KID {row['kid_target']:.4f} content {row['content_dist']:.4f} "
+                  f"{row['shot_dist']:.4f} content {row['content_dist']:.4f} KID {row['kid_target']:.4f} "
                   f"({row['wall_s']:.0f} s)", flush=True)
             save(complete=False)
 
     print_table(rows, args.recipes, f"\nDomain adaptation to {args.style} from {N_SHOTS} shots (miniworld, Lite0 "
                 f"features, seeds {args.seeds}); mean ± sd over seeds")
     seed0 = args.seeds[0]
-    shown = [m for m in args.recipes if f"{m}/{seed0}/domain" in saved]
-    grid = labelled_rows([(world.shots, "shots")] + [(saved[f"{m}/{seed0}/domain"][:12], m) for m in shown],
-                         label_width=170)
+    shown = [m for m in args.recipes if f"{m}/{seed0}/samples" in saved]
+    k = 12
+    grid = labelled_rows([(world.shots, "shots"), (world.eval_target[:k], f"{args.style} (real)"),
+                          (world.eval_source[:k], "google (real)")]
+                         + [(saved[f"{m}/{seed0}/samples"][:k], m) for m in shown], label_width=170)
     save_png(to_uint8(grid)[0], stem + "_samples.png")
-    grid = labelled_rows([(world.eval_target, f"{args.style} (real)"), (world.eval_source, "google (real)")]
-                         + [(saved[f"{m}/{seed0}/content"], m) for m in shown], label_width=170)
-    save_png(to_uint8(grid)[0], stem + "_content.png")
     result = save(complete=True)
-    print(f"saved {args.out}, {os.path.basename(stem)}_samples.npz / _samples.png / _content.png "
+    print(f"saved {args.out}, {os.path.basename(stem)}_samples.npz and _samples.png "
           f"({result['wall_s']:.0f} s)")
     return 0
 

@@ -34,7 +34,7 @@ CACHE_VERSION = "1"  # bump when the rendering below changes
 
 
 def _cache_dir() -> str:
-    from miniworld import config
+    from comfyui_domainstudio.miniworld import config
 
     d = os.path.join(config.cache_dir(), "emoji")
     os.makedirs(d, exist_ok=True)
@@ -95,7 +95,7 @@ def _load_openmoji(codes: list[str], progress=None) -> np.ndarray:
 def load(style: str, progress=None) -> dict:
     """{'images': uint8 [N, 64, 64, 3], 'names', 'codes', 'split', 'style', 'package'} in the order of
     miniworld's concepts. 'google' is the source style itself."""
-    from miniworld import config, data
+    from comfyui_domainstudio.miniworld import config, data
 
     if style in ("google", "twitter"):
         return data.load(style)

@@ -628,8 +628,23 @@ def run_ours(ctx: RowContext, assets: dict, method: str, values: dict, measured_
             ctx.restart()
 
     host = ComfyHost(assets["model"], assets["clip"], assets["vae"])
-    with torch.inference_mode():  # as inside a node
-        run_module.run(host, method, cfg, assets["images"], opts, on_progress=on_progress)
+    make_plan = run_module.make_plan
+
+    def plan_then_reset(*args, **kwargs):
+        """The memory plan's probes (one forward + backward at latent sides 16 and 32, the latter the
+        training size at 256^2) are recorded on their own; the row's peak is training's."""
+        plan = make_plan(*args, **kwargs)
+        ctx.info["plan_peak_bytes"] = ctx.probe.peak()
+        ctx.probe.trim()
+        ctx.probe.reset_peak()
+        return plan
+
+    run_module.make_plan = plan_then_reset
+    try:
+        with torch.inference_mode():  # as inside a node
+            run_module.run(host, method, cfg, assets["images"], opts, on_progress=on_progress)
+    finally:
+        run_module.make_plan = make_plan
 
 
 def ours_domainstudio(ctx: RowContext, assets: dict) -> None:
@@ -829,6 +844,9 @@ def run_measurement(spec: dict, baseline_path: str | None = None) -> dict:
         raise RuntimeError(f"gradient checkpointing was off but torch.utils.checkpoint.checkpoint ran {calls} times")
     times = [b - a for a, b in zip(ctx.stamps[ctx.warmup - 1:], ctx.stamps[ctx.warmup:])]
     peak = ctx.peak_bytes if ctx.peak_bytes is not None else probe.peak()
+    plan_peak = ctx.info.pop("plan_peak_bytes", None)
+    if plan_peak is not None:
+        ctx.info["memory_plan_peak_above_weights_gib"] = (plan_peak - baseline) / GiB
     return {
         "status": "ok", "s_per_step": statistics.median(times), "step_times_s": times,
         "peak_above_weights_gib": (peak - baseline) / GiB, "weights_gib": weights / GiB,

@@ -29,7 +29,7 @@ else:
     sys.modules["bench_domain_quality"] = dq
     _spec.loader.exec_module(dq)
 
-MUST_AGREE = ("target_prompt", "source_prompt", "steps", "samples", "sample_steps", "cfg", "checkpoint", "style",
+MUST_AGREE = ("target_prompt", "source_prompt", "steps", "prompts", "sample_steps", "cfg", "checkpoint", "style",
               "shots", "eval")
 REAL_SETS = ("shots", "eval_target", "eval_source")
 
@@ -76,9 +76,8 @@ def merge(inputs: list[str], drop: set[str] = frozenset()) -> tuple[dict, dict |
         for key, src in origin.items():
             f = files[[os.path.basename(p) for p, _ in results].index(src)]
             with np.load(f, allow_pickle=False) as z:
-                for part in ("domain", "content"):
-                    if f"{key}/{part}" in z.files:
-                        arrays[f"{key}/{part}"] = z[f"{key}/{part}"]
+                if f"{key}/samples" in z.files:
+                    arrays[f"{key}/samples"] = z[f"{key}/samples"]
     setting = dict(ref["setting"], seeds=sorted({row["seed"] for row in ordered}))
     merged = {"complete": all(r.get("complete", True) for _, r in results), "setting": setting,
               "recipes": {m: recipes[m] for m in names if m in recipes},
@@ -89,20 +88,16 @@ def merge(inputs: list[str], drop: set[str] = frozenset()) -> tuple[dict, dict |
 
 
 def write_grids(arrays: dict, recipes: list[str], seed: int, stem: str, style: str = "target") -> dict:
-    """<stem>_samples.png (the shots, then 12 samples per recipe) and <stem>_content.png (real target
-    and source renderings of the evaluation emoji, then each recipe's), from one seed, labelled rows."""
-    shown = [m for m in recipes if f"{m}/{seed}/domain" in arrays]
-    grids = {}
-    rows = [(arrays["shots"], "shots")] + [(arrays[f"{m}/{seed}/domain"][:12], m) for m in shown]
+    """<stem>_samples.png from one seed, labelled rows: the shots, the real target and source
+    renderings of the first 12 evaluation emoji, then each recipe's samples of them."""
+    shown = [m for m in recipes if f"{m}/{seed}/samples" in arrays]
+    k = 12
+    rows = [(arrays["shots"], "shots")]
+    if "eval_target" in arrays:
+        rows += [(arrays["eval_target"][:k], f"{style} (real)"), (arrays["eval_source"][:k], "google (real)")]
+    rows += [(arrays[f"{m}/{seed}/samples"][:k], m) for m in shown]
     dq.save_png(dq.to_uint8(dq.labelled_rows(rows, label_width=170))[0], stem + "_samples.png")
-    grids[os.path.basename(stem) + "_samples.png"] = ["shots"] + [f"{m} (seed {seed})" for m in shown]
-    content = [m for m in shown if f"{m}/{seed}/content" in arrays]
-    if content and "eval_target" in arrays:
-        rows = [(arrays["eval_target"], f"{style} (real)"), (arrays["eval_source"], "google (real)")]
-        rows += [(arrays[f"{m}/{seed}/content"], m) for m in content]
-        dq.save_png(dq.to_uint8(dq.labelled_rows(rows, label_width=170))[0], stem + "_content.png")
-        grids[os.path.basename(stem) + "_content.png"] = [r[1] for r in rows]
-    return grids
+    return {os.path.basename(stem) + "_samples.png": [r[1] for r in rows]}
 
 
 def main(argv=None) -> int:

@@ -45,7 +45,9 @@ import time
 import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
+import runpy  # noqa: E402
+
+runpy.run_path(os.path.join(REPO, "__init__.py"))  # the pack's one package name: comfyui_domainstudio
 _spec = importlib.util.spec_from_file_location("bench_features", os.path.join(REPO, "bench", "features.py"))
 F = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(F)
@@ -101,8 +103,8 @@ def main(argv=None) -> int:
     ap.add_argument("--record", action="store_true", help="also write the numbers into miniworld/weights/training.json")
     args = ap.parse_args(argv)
 
-    from miniworld import config, data, evaluate
-    from miniworld.comfyenv import comfy
+    from comfyui_domainstudio.miniworld import config, data, evaluate
+    from comfyui_domainstudio.miniworld.comfyenv import comfy
 
     comfy()
     import torch
@@ -229,7 +231,7 @@ def main(argv=None) -> int:
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(res, f, indent=1)
-    from trainer.grids import save_png, tile_rows
+    from comfyui_domainstudio.trainer.grids import save_png, tile_rows
 
     k = 16
     save_png(tile_rows([dom[:k], real[want[:k]], trn[:k], sks[:k], real[hsel[:k]], ho[:k]], gap=4),

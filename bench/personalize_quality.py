@@ -196,7 +196,10 @@ def resolve(args, variant: dict, method: str, seed: int, noun: str):
 
 def peft_init_host(host_cls):
     """A ComfyHost whose trainable LoRA starts the kohya / PEFT / diffusers way: down ~ Kaiming
-    uniform over the input width (a = sqrt 5), up = 0 (ComfyUI's create_train does the reverse)."""
+    uniform over the input width (a = sqrt 5), up = 0 (ComfyUI's create_train does the reverse).
+    Since 2026-12-02 the pack's ComfyHost itself starts this way (trainer/hosts/comfy.py
+    start_like_kohya), so --init comfy and peft now differ only in the random draw; the rows of
+    bench/results/personalize_sweep_lr.json were measured before, with ComfyUI's start as "comfy"."""
     import torch
 
     class PeftInitHost(host_cls):

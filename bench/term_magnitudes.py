@@ -56,7 +56,8 @@ def resize(images: np.ndarray, size: int) -> np.ndarray:
     return np.stack([np.asarray(Image.fromarray(im).resize((size, size), Image.BICUBIC)) for im in images])
 
 
-def measure(bench, delta, shots: np.ndarray, *, batches: int, batch: int, seed: int, log=print) -> dict:
+def measure(bench, delta, shots: np.ndarray, names: list[str], *, batches: int, batch: int, seed: int,
+            log=print) -> dict:
     """{band: {term: {"value": mean, "grad": mean grad norm}}} for the model with `delta` (None = zero)."""
     import torch
 
@@ -71,10 +72,11 @@ def measure(bench, delta, shots: np.ndarray, *, batches: int, batch: int, seed: 
             raise RuntimeError(f"delta does not fit: {bad[:3]}")
     params = adapter.parameters()
     tensor = torch.from_numpy(shots.astype(np.float32) / 255.0)
+    targets = [host.encode_prompt(dq.TARGET_PROMPT.replace("{caption}", n)) for n in names]
+    sources = [host.encode_prompt(dq.SOURCE_PROMPT.replace("{caption}", n)) for n in names]
     with torch.no_grad():
         x0_all = host.encode_images(tensor)
         pix_all = tensor.movedim(-1, 1) * 2 - 1
-    target, source = host.encode_prompt(dq.TARGET_PROMPT), host.encode_prompt(dq.SOURCE_PROMPT)
     ms = bench.model.model.model_sampling
     out: dict = {}
 
@@ -85,6 +87,8 @@ def measure(bench, delta, shots: np.ndarray, *, batches: int, batch: int, seed: 
             for _ in range(batches):
                 idx = torch.randperm(x0_all.shape[0], generator=g)[:batch]
                 x0, pix = x0_all[idx], pix_all[idx]
+                target = host.stack_conds([targets[i] for i in idx.tolist()])
+                source = host.stack_conds([sources[i] for i in idx.tolist()])
                 t = torch.randint(lo, hi, (batch,), generator=g).float()
                 sigma = ms.sigma(t)
                 noise = torch.randn(x0.shape, generator=g)
@@ -138,7 +142,7 @@ def main(argv=None) -> int:
     extract = dq.bench_module("features").Lite0Features()
     world = dq.World(args.style, extract)
     bench = dq.Bench()
-    info = bench.train(dq.RECIPES["finetune"], world.shots, seed=0, steps=args.steps, precision="fp32")
+    info = bench.train(dq.RECIPES["finetune"], world.training_set(), seed=0, steps=args.steps, precision="fp32")
     print(f"adapted state: plain fine-tuning, {args.steps} steps ({info['train_s']:.0f} s)")
     results = {}
     for size in args.sizes:
@@ -147,7 +151,7 @@ def main(argv=None) -> int:
             key = f"{size}px/{state}"
             print(f"  {key} (latent {size // 8}x{size // 8}x4 = {size * size // 16} dims, pixel {size}x{size}x3 = "
                   f"{size * size * 3} dims)", flush=True)
-            results[key] = measure(bench, delta, shots, batches=args.batches, batch=4, seed=1)
+            results[key] = measure(bench, delta, shots, world.shot_names, batches=args.batches, batch=4, seed=1)
     print("\nlambda at which each term's gradient equals L_simple's (uniform timesteps; paper: img/hf 100, hfmse 0.1)")
     print(f"{'setting':26s} " + " ".join(f"{t:>13s}" for t in TERMS[1:]))
     for key, r in results.items():
@@ -155,7 +159,7 @@ def main(argv=None) -> int:
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out + ".tmp", "w") as f:
         json.dump({"setting": {"style": args.style, "finetune_steps": args.steps, "batches_per_band": args.batches,
-                               "batch": 4, "bands": BANDS, "sizes": args.sizes, "precision": "fp32",
+                               "batch": 4, "bands": BANDS, "target_prompt": dq.TARGET_PROMPT, "source_prompt": dq.SOURCE_PROMPT, "sizes": args.sizes, "precision": "fp32",
                                "reduction": "mean over N(N-1)", **bench.describe()},
                    "results": results, "wall_s": round(time.perf_counter() - t0, 1)}, f, indent=1)
     os.replace(args.out + ".tmp", args.out)

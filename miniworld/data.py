@@ -104,7 +104,7 @@ SPRITE_COLS = 16
 
 def write_sprite(images: np.ndarray, path: str) -> None:
     """uint8 [N,64,64,3] -> one PNG grid (SPRITE_COLS per row, white padding)."""
-    from trainer.grids import save_png, tile
+    from comfyui_domainstudio.trainer.grids import save_png, tile
 
     save_png(tile(images, SPRITE_COLS), path, optimize=True)
 

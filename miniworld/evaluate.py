@@ -38,6 +38,15 @@ def nn_accuracy(gen: np.ndarray, ids: np.ndarray, refs: np.ndarray) -> tuple[flo
     return float((nn == ids).mean()), nn
 
 
+def own_rank(gen: np.ndarray, ids: np.ndarray, refs: np.ndarray) -> np.ndarray:
+    """For each of ``gen``: how many of ``refs`` are nearer (16x16 pixels) than its own ``refs[ids]``
+    (0 = the nearest; chance: half of ``refs``)."""
+    a, b = small(gen), small(refs)
+    d = (a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2 * a @ b.T
+    own = d[np.arange(len(gen)), ids]
+    return (d < own[:, None]).sum(1)
+
+
 def load_nodes(path: str | None = None):
     """(ComfyUI's ``nodes`` module, (MODEL, CLIP, VAE)) through the stock CheckpointLoaderSimple."""
     comfy()

@@ -594,7 +594,7 @@ def stage_unet(a, dev, work: str) -> dict:
 
 def save_grid(rows: list[torch.Tensor], path: str) -> None:
     """Rows of [k, 3, H, W] images in 0..1 -> one PNG, enlarged 2x."""
-    from trainer.grids import save_png, tile_rows
+    from comfyui_domainstudio.trainer.grids import save_png, tile_rows
 
     save_png(tile_rows([r.permute(0, 2, 3, 1) for r in rows]), path, scale=2)
 

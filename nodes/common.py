@@ -98,7 +98,8 @@ class NodeProgress:
         if p.losses is not None and (p.stage_step == 1 or p.stage_step % 10 == 0 or p.stage_step == p.stage_total):
             shown = " ".join(f"{k} {v:.4g}" for k, v in p.losses.items())
             log.info("%s %s step %d/%d: %s", self.node, p.stage, p.stage_step, p.stage_total, shown)
-        self.pbar.update_absolute(p.step, p.total, preview)  # raises when the user pressed Cancel
+        compat.raise_if_cancelled()  # every step: the host's hook is throttled on newer ComfyUI
+        self.pbar.update_absolute(p.step, p.total, preview)  # the stock bar (its hook may also raise)
 
     def send(self, p: core.Progress | None, status: str, message: str = "") -> None:
         p = p or self.last

@@ -6,12 +6,13 @@ show them next to the untouched base model on the same seeds.
     bash scripts/demo.sh                      # set-up + this script; results in demo_output/
     bash scripts/demo.sh --style openmoji     # the other target style (needs `pip install resvg-py`)
 
-It writes to --out (demo_output/):
-  samples.png   labelled rows: the shots, then "a sks emoji" from base / fine-tune / DomainStudio
-                (same seeds: column i of every row starts from the same noise)
-  content.png   "a sks emoji of <name>" for 10 emoji that are not among the shots: the real target
-                and source renderings, then each model
-  metrics.json  style score, diversity, distance to the shots, KID and content distance per model
+Training: the 10 shots, each captioned with its emoji's name, as "a sks emoji of <name>" (the frozen
+source model sees "an emoji of <name>"). Then every model draws "a sks emoji of <name>" for 24 other
+emoji from the same noise. It writes to --out (demo_output/):
+  samples.png   labelled rows: the shots; the real target-style and Noto renderings of 12 of the 24
+                emoji; then base / fine-tune / DomainStudio (column i of every model row starts from
+                the same noise and names the same emoji)
+  metrics.json  style score, diversity, distance to the shots, content distance and KID per model
                 (bench/domain_quality.py's World: EfficientNet-Lite0 features), timings, settings
   summary.md    what to look for, the numbers, and what they can and cannot say
 Everything runs through the pack's core (trainer.run.run on a ComfyHost) and ComfyUI's stock
@@ -38,7 +39,7 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 runpy.run_path(os.path.join(REPO, "__init__.py"))  # the pack, as comfyui_domainstudio
 
-N_SAMPLES = 12  # "a sks emoji" samples per model (one row of the grid)
+N_SHOWN = 12  # evaluation emoji shown in the grid (all 24 are scored)
 
 
 def _package():
@@ -114,7 +115,7 @@ def run_demo(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     styles = dq.bench_module("emoji_styles")
-    from miniworld import build
+    from comfyui_domainstudio.miniworld import build
 
     with phase("the miniature emoji SD (built into the cache on first use)", log):
         ckpt = build.ensure()
@@ -138,10 +139,9 @@ def run_demo(args) -> int:
 
     world = dq.World(args.style, extract, log=log)
     with phase("loading the checkpoint into ComfyUI (CPU)", log):
-        bench = dq.Bench(ckpt, batch=N_SAMPLES)
+        bench = dq.Bench(ckpt, batch=dq.N_EVAL)
     os.makedirs(args.out, exist_ok=True)
     recipes = {"base": dq.RECIPES["base"], "fine-tune": dq.RECIPES["finetune"], "DomainStudio": dq.RECIPES["domainstudio"]}
-    content_prompts = [dq.CONTENT_TEMPLATE.format(name=n) for n in world.eval_names]
     models, info = {}, {}
     for label, recipe in recipes.items():
         if recipe.method is None:
@@ -157,57 +157,51 @@ def run_demo(args) -> int:
                 bar.update(max(0, p.stage_step - bar.n))
 
             got = {}
-            res = bench.train(recipe, world.shots, seed=args.seed, steps=args.steps,
+            res = bench.train(recipe, world.training_set(), seed=args.seed, steps=args.steps,
                               on_checkpoint=lambda step, m: got.update(model=m), on_progress=on_progress)
         models[label] = got["model"]
         info[label] = {"method": recipe.method, "train_s": res["train_s"], "steps": res["steps"],
                        "seconds_per_step": res["seconds_per_step"], "losses_first_last_50": res["losses"],
-                       "settings": {**{k: v for k, v in vars(cfg).items()}},
+                       "settings": dict(vars(cfg)),
                        "options": {k: getattr(opts, k) for k in ("train_mode", "lora_rank", "lora_alpha", "precision")}}
         log(f"{label}: {res['steps']} steps in {res['train_s']:.0f} s")
     samples, rows = {}, {}
-    batches = -(-N_SAMPLES // bench.batch) + -(-len(content_prompts) // bench.batch)
-    n_steps = bench.sample_steps * batches * len(models)  # the sampler reports a step per batch
+    n_steps = bench.sample_steps * -(-len(world.prompts) // bench.batch) * len(models)  # a step per batch
     with tqdm(total=n_steps, desc="sampling (stock euler, 20 steps, CFG 5)", unit="step", dynamic_ncols=True) as bar:
         for label, model in models.items():
-            base_n = bar.n
-            dom = bench.sample(model, dq.TARGET_PROMPT, N_SAMPLES, seed=args.seed,
-                               progress=lambda k, b=base_n: bar.update(b + k - bar.n))
-            base_n = bar.n
-            con = bench.sample(model, content_prompts, seed=args.seed + 100,
-                               progress=lambda k, b=base_n: bar.update(b + k - bar.n))
-            samples[label] = (dom, con)
+            start = bar.n
+            samples[label] = bench.sample(model, world.prompts, seed=args.seed,
+                                          progress=lambda k, b=start: bar.update(b + k - bar.n))
     with phase("scoring (Lite0 features)", log):
-        for label, (dom, con) in samples.items():
-            rows[label] = {**world.score(dom), **world.score_content(con)}
+        for label, images in samples.items():
+            rows[label] = world.score(images)
     title = styles.TITLES.get(args.style, args.style)
-    grid = dq.labelled_rows([(world.shots, f"{title} shots")]
-                            + [(samples[m][0], m) for m in models], label_width=150)
+    k = N_SHOWN
+    grid = dq.labelled_rows([(world.shots, f"{title} shots"), (world.eval_target[:k], f"{title} (real)"),
+                             (world.eval_source[:k], "Noto (real)")]
+                            + [(samples[m][:k], m) for m in models], label_width=150)
     dq.save_png(dq.to_uint8(grid)[0], os.path.join(args.out, "samples.png"))
-    grid = dq.labelled_rows([(world.eval_target, f"{title} (real)"), (world.eval_source, "Noto (real)")]
-                            + [(samples[m][1], m) for m in models], label_width=150)
-    dq.save_png(dq.to_uint8(grid)[0], os.path.join(args.out, "content.png"))
     wall = time.perf_counter() - t_start
     metrics = {"style": args.style, "seed": args.seed, "target_prompt": dq.TARGET_PROMPT,
-               "source_prompt": dq.SOURCE_PROMPT, "content_prompts": content_prompts, "samples_per_model": N_SAMPLES,
+               "source_prompt": dq.SOURCE_PROMPT, "prompts": world.prompts, "shown": world.eval_names[:k],
                "models": rows, "training": info, "world": world.describe(), "sampling": bench.describe(),
                "wall_s": round(wall, 1)}
     with open(os.path.join(args.out, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=1, default=str)
     with open(os.path.join(args.out, "summary.md"), "w") as f:
         f.write(summary_md(metrics, title))
-    log(f"wrote samples.png, content.png, metrics.json and summary.md in {args.out}")
+    log(f"wrote samples.png, metrics.json and summary.md in {args.out}")
     print("\n" + table_md(rows))
     print(f"\ndemo done in {wall:.0f} s; open {os.path.join(args.out, 'summary.md')}")
     return 0
 
 
 def table_md(rows: dict) -> str:
-    lines = ["| model | style score ↑ | diversity ↑ | distance to shots ↑ | KID to target ↓ | content distance ↓ |",
+    lines = ["| model | style score ↑ | diversity ↑ | distance to shots ↑ | content distance ↓ | KID to target ↓ |",
              "|---|---|---|---|---|---|"]
     for label, r in rows.items():
         lines.append(f"| {label} | {r['style']:.2f} | {r['diversity']:.3f} | {r['shot_dist']:.3f} | "
-                     f"{r['kid_target']:.3f} | {r['content_dist']:.3f} |")
+                     f"{r['content_dist']:.3f} | {r['kid_target']:.3f} |")
     return "\n".join(lines)
 
 
@@ -217,38 +211,41 @@ def summary_md(m: dict, title: str) -> str:
     ds = tr.get("DomainStudio", {}).get("settings", {})
     return f"""# DomainStudio demo: Noto emoji -> {title}
 
-The miniature SD (`miniworld/`, trained on Google's Noto emoji) was adapted to the 10 {title} shots in
-the first row of `samples.png`, once with **plain fine-tuning** and once with **DomainStudio**, each with
-its method's default settings ({steps}; seed {m['seed']}). Every model then drew "{m['target_prompt']}"
-from the same noise: column *i* of every row starts from the same seed, so differences between rows are
-the adaptation.
+The miniature SD (`miniworld/`, trained here on Google's Noto emoji) was adapted to the 10 {title}
+shots in the first row of `samples.png`, each captioned with its emoji's name
+("{m['target_prompt']}"; the frozen source model reads "{m['source_prompt']}"), once with **plain
+fine-tuning** and once with **DomainStudio**, each with its method's default settings ({steps};
+seed {m['seed']}). Every model then drew "a sks emoji of <name>" for 24 emoji that are not shots,
+from the same noise: in `samples.png` column *i* of every model row names the same emoji and starts
+from the same noise, so differences between rows are the adaptation.
 
-## What to look for
-- **`samples.png`** — row 1: the shots. *base*: the source style (Noto: glossy, shaded). *fine-tune* and
-  *DomainStudio*: the {title} style should show in colours, flatness and outlines. The DomainStudio
-  paper's claim is that its rows stay **varied** (many different emoji) and **do not copy the shots**,
-  while fine-tuning drifts towards near-copies of the 10 shots. Compare each sample with row 1.
-- **`content.png`** — "a sks emoji of <name>" for 10 emoji that are not shots: does the adapted model
-  keep drawing the named emoji (compare with the real Noto row) in the new style (compare with the real
-  {title} row)?
+## What to look for in `samples.png`
+- rows 2-3 are the real {title} and Noto renderings of the emoji the columns name: the target is
+  "row 2's look with row 3's content".
+- *base*: the source style (Noto-like: glossy, shaded), drawn as well as this miniature can.
+- *fine-tune* and *DomainStudio*: the {title} look should show (colours, flatness, outlines). The
+  DomainStudio paper's claim: its samples stay **varied and faithful to the named emoji**, while
+  fine-tuning drifts towards **the shots** (compare every sample with row 1: a heart or a WC sign
+  where a penguin was asked for is copying).
 
-## Numbers (EfficientNet-Lite0 features; {m['samples_per_model']} samples per model, one seed)
+## Numbers (EfficientNet-Lite0 features; 24 samples per model, one seed)
 {table_md(m['models'])}
 
 - *style score*: P({title}) of a logistic-regression classifier trained on real Noto vs {title}
   renderings (accuracy on held-out real renderings {m['world']['classifier_accuracy_real']:.2f}).
 - *diversity*: intra-cluster diversity (samples grouped by nearest shot, mean pairwise cosine distance
-  inside a group; 0 = copies of the shots). *distance to shots*: mean cosine distance from each sample to
-  its nearest shot (low = copying). *KID*: to the real {title} renderings. *content distance*: each
-  "a sks emoji of <name>" sample to that emoji's real {title} rendering.
+  inside a group; 0 = copies of the shots). *distance to shots*: mean cosine distance from each sample
+  to its nearest shot (low = copying). *content distance*: each sample to the real {title} rendering of
+  the emoji it names (low = right emoji in the right style). *KID*: to the real {title} renderings; a
+  high style score with a KID above the base model's is degradation, not style.
 
 ## What this can and cannot say
-One seed and {m['samples_per_model']} samples: differences of a few hundredths are noise (seed-to-seed
-sd in `bench/results/frontier.json` is ~0.01–0.05). The model is a miniature trained on one CPU, its
+One seed and 24 samples: differences of a few hundredths are noise (the seed-to-seed sd in
+`bench/results/frontier.json` is of that size). The model is a miniature trained on one CPU, its
 samples are blurry 64x64 emoji, and the features are an ImageNet network's, not LPIPS or Inception.
-`bench/frontier.py` sweeps steps, learning rates and DomainStudio's weights over 3 seeds and 2 target
-styles: read its picture (`bench/results/frontier.png`) for whether DomainStudio keeps more diversity
-than fine-tuning *at equal style*, which one seed of two default runs cannot show.
+`bench/frontier.py` sweeps steps, learning rates and DomainStudio's weights (`bench/results/frontier.json`
+and `.png`; README says how many seeds and styles it covers so far): read it for whether DomainStudio
+keeps more diversity than fine-tuning *at equal style*, which one seed of two default runs cannot show.
 
 DomainStudio settings used: lambda_img {ds.get('lambda_img')}, lambda_hf {ds.get('lambda_hf')},
 lambda_hfmse {ds.get('lambda_hfmse')}, feature space {ds.get('feature_space')}, learning rate

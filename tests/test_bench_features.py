@@ -40,7 +40,7 @@ def lite0():
 
 @pytest.fixture(scope="module")
 def reference():
-    from miniworld import data
+    from comfyui_domainstudio.miniworld import data
 
     return data.reference()
 
@@ -49,7 +49,7 @@ def reference():
 def styles():
     """The Google and Twitter renderings of the emoji subset (cached .npz; built from the npm tarballs
     by miniworld.data.load when missing, which needs npm and its registry the first time)."""
-    from miniworld import data
+    from comfyui_domainstudio.miniworld import data
 
     try:
         return data.load("google"), data.load("twitter")

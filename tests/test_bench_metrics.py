@@ -97,10 +97,10 @@ def test_recipes_resolve_onto_the_registered_methods():
         settings.check(opts)
         assert cfg.steps == 7 and opts.train_seed == 3 and opts.preview_every == 0
         assert (cfg, opts) == r.settings(steps=7, seed=3)  # reading settings never changes a recipe
-        assert cfg.target_prompt == dq.TARGET_PROMPT
+        assert cfg.target_prompt == dq.TARGET_PROMPT and "{caption}" in cfg.target_prompt
     db, _ = dq.RECIPES["dreambooth_prior"].settings()
     assert (db.lambda_img, db.lambda_hf, db.lambda_hfmse) == (0.0, 0.0, 0.0) and db.prior_images > 0
-    assert db.source_prompt == dq.SOURCE_PROMPT and db.lambda_prior > 0
+    assert db.source_prompt == dq.CLASS_PROMPT == "an emoji" and db.lambda_prior > 0  # the class images' prompt
     ds, _ = dq.RECIPES["domainstudio"].settings()
     assert ds.lambda_img == DomainStudioConfig().lambda_img and ds.steps == DomainStudioConfig().steps
     _, full = dq.RECIPES["finetune_full"].settings()
@@ -113,11 +113,12 @@ def test_recipes_resolve_onto_the_registered_methods():
 def test_frontier_points_compare_and_plot(tmp_path):
     def run(setting, family, seed, style, pts):
         return {"setting": setting, "family": family, "style": style, "seed": seed,
-                "points": {str(k): {"style": s, "diversity": d, "shot_dist": m, "kid_target": 0.1}
+                "points": {str(k): {"style": s, "diversity": d, "shot_dist": m, "content_dist": 0.4, "kid_target": 0.1}
                            for k, (s, d, m) in pts.items()}}
 
     result = {"runs": {}, "families": {"ft": "finetune", "ds": "domainstudio"},
-              "base": {"twitter": {"0": {"style": 0.0, "diversity": 0.3, "shot_dist": 0.6, "kid_target": 0.5}}}}
+              "base": {"twitter": {"0": {"style": 0.0, "diversity": 0.3, "shot_dist": 0.6, "content_dist": 0.4,
+                                          "kid_target": 0.5}}}}
     result["runs"]["ft/twitter/0"] = run("ft", "finetune", 0, "twitter", {50: (0.4, 0.20, 0.50), 100: (0.9, 0.10, 0.30)})
     result["runs"]["ft/twitter/1"] = run("ft", "finetune", 1, "twitter", {50: (0.6, 0.22, 0.52), 100: (0.95, 0.12, 0.32)})
     result["runs"]["ds/twitter/0"] = run("ds", "domainstudio", 0, "twitter", {50: (0.5, 0.30, 0.55), 100: (0.9, 0.25, 0.45)})
@@ -150,7 +151,7 @@ def test_merge_results_overrides_drops_and_refuses_other_settings(tmp_path):
     real = {k: np.zeros((2, 4, 4, 3), np.uint8) for k in mr.REAL_SETS}
 
     def run(name, rows, **extra):
-        samples = {f"{r['recipe']}/{r['seed']}/domain": np.full((2, 4, 4, 3), int(r["style"] * 100), np.uint8)
+        samples = {f"{r['recipe']}/{r['seed']}/samples": np.full((2, 4, 4, 3), int(r["style"] * 100), np.uint8)
                    for r in rows}
         np.savez(tmp_path / f"{name}_samples.npz", **real, **samples)
         full = [dict(r, diversity=0.1, shot_dist=0.2, kid_target=0.3, content_dist=0.3, content_style=0.4,
@@ -170,7 +171,7 @@ def test_merge_results_overrides_drops_and_refuses_other_settings(tmp_path):
     assert merged["row_source"]["finetune/1"] == "b.json" and merged["setting"]["seeds"] == [0, 1]
     assert merged["summary"]["finetune"]["style"][0] == pytest.approx(0.3)
     z = np.load(tmp_path / "m_samples.npz")
-    assert int(z["finetune/1/domain"][0, 0, 0, 0]) == 50 and "domainstudio/0/domain" not in z.files
+    assert int(z["finetune/1/samples"][0, 0, 0, 0]) == 50 and "domainstudio/0/samples" not in z.files
     assert (tmp_path / "m_samples.png").exists()
     c = run("c", [{"recipe": "finetune", "seed": 2, "style": 0.2}], steps=1200)
     assert mr.main([str(tmp_path / "m2.json"), a, c]) == 1 and not (tmp_path / "m2.json").exists()

@@ -86,6 +86,22 @@ class ComfyAdapter(Adapter):
         return out
 
 
+def start_like_kohya(lora) -> None:
+    """Start a ComfyUI LoraDiff the way kohya, PEFT, diffusers and the pack's diffusers host do:
+    down ~ Kaiming uniform over the input width (a = sqrt 5), up = 0. ComfyUI's create_train does the
+    reverse (up ~ Kaiming over the rank, down = 0): the delta is zero either way, but its first updates
+    are then scaled by |up| ~ 1/sqrt(rank) instead of |down| ~ 1/sqrt(in_width), which made the same
+    learning rate move the weights 4-5x further (bench/personalize_quality.py --init comfy|peft:
+    median |dW|/|W| 0.059 vs 0.013 after 400 steps at 1e-4) and left the usual LoRA learning rates
+    (kohya's 1e-4) unsafe. Uses the caller's seeded RNG."""
+    with torch.no_grad():
+        down = lora.lora_down.weight
+        flat = torch.empty(down.shape[0], down[0].numel(), dtype=torch.float32, device=down.device)
+        torch.nn.init.kaiming_uniform_(flat, a=math.sqrt(5))
+        down.copy_(flat.reshape(down.shape))
+        lora.lora_up.weight.zero_()
+
+
 def attach_trainable(patcher, mode: str, rank: int = 8, alpha: float = 8.0, seed: int = 0) -> ComfyAdapter:
     """Attach switchable trainable deltas to the ModelPatcher `patcher` (a clone: wrappers are per
     clone; the weights themselves are shared and never written)."""
@@ -104,6 +120,7 @@ def attach_trainable(patcher, mode: str, rank: int = 8, alpha: float = 8.0, seed
             shapes[name] = tuple(weight.shape)
             if is_lora:
                 inner = LoRAAdapter.create_train(weight, rank=min(rank, *weight.shape[:2]), alpha=alpha).to(torch.float32)
+                start_like_kohya(inner)
                 wrapper = SwitchedDelta(switch, inner=inner)
             else:
                 wrapper = SwitchedDelta(switch, diff=torch.zeros(weight.shape, dtype=torch.float32, device=weight.device))

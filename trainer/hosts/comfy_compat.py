@@ -109,6 +109,15 @@ def executing_context() -> tuple[str | None, str | None]:
     return getattr(ctx, "prompt_id", None), getattr(ctx, "node_id", None)
 
 
+def raise_if_cancelled() -> None:
+    """Raise ComfyUI's InterruptProcessingException when the user pressed Cancel (the check the
+    server's progress hook makes). Called every step: since 0.30.0 ComfyUI's ProgressBar throttles
+    its hook (at most every ~1 % or 0.1 s), so the hook alone would notice Cancel steps late."""
+    import comfy.model_management as mm
+
+    mm.throw_exception_if_processing_interrupted()
+
+
 def trainable_memory(device) -> int | None:
     """Bytes a training step may use on `device`: free memory plus what the models ComfyUI holds
     there occupy (training frees them: load_models_gpu with memory_required). CPU: available RAM."""

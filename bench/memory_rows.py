@@ -635,6 +635,8 @@ def run_ours(ctx: RowContext, assets: dict, method: str, values: dict, measured_
         training size at 256^2) are recorded on their own; the row's peak is training's."""
         plan = make_plan(*args, **kwargs)
         ctx.info["plan_peak_bytes"] = ctx.probe.peak()
+        if getattr(plan, "estimate_bytes", None) is not None:  # what the memory guard predicted
+            ctx.info["memory_plan_estimate_gib"] = plan.estimate_bytes / GiB
         ctx.probe.trim()
         ctx.probe.reset_peak()
         return plan

@@ -1,6 +1,6 @@
 """The miniature SD1.5 world (miniworld/): the assembled checkpoint loads through the stock
 CheckpointLoaderSimple as a two-level SD1.5 UNet with a TAESD VAE, the factors it ships multiply out
-exactly, the stock KSampler draws training captions recognisably (also with the DreamBooth /
+exactly, the stock KSampler draws a training caption near its own emoji (also with the DreamBooth /
 DomainStudio identifier "sks" in the prompt), and "an emoji" gives varied images.
 
 Uses only shipped files (miniworld/weights/): the checkpoint is assembled once into $DS_CACHE

@@ -2,12 +2,12 @@
 
 The estimate is *measured*, not guessed from a table: before training, the run takes one
 forward + backward step of each stage's own objective (with a throw-away generator, so the real run
-is unchanged) at one or two small latent sizes, and reads the peak memory it added (CUDA:
-max_memory_allocated; CPU: the process's peak RSS, reset through /proc/self/clear_refs). Activation
-memory of a UNet step grows with the latent area A as a·A + b·A² (convolutions and projections are
-linear in A; attention scores, which training keeps for backward, are quadratic), so two sizes fix
-a and b and the step at the training size is extrapolated; sizes up to the second probe are measured
-directly. Trainable parameters add their gradients and optimizer state (AdamW: two fp32 moments;
+is unchanged) at three small latent sizes (or at the training size when it is no larger), and reads the peak
+memory it added (CUDA: max_memory_allocated; CPU: the process's peak RSS, reset through
+/proc/self/clear_refs). A UNet step's memory grows with the latent area A as base + a·A + b·A²
+(what does not depend on the image, such as merged LoRA weights; convolutions and projections,
+linear in A; attention scores, where training keeps them, quadratic), so three sizes fix base, a
+and b and the step at the training size is extrapolated (`fit_points`). Trainable parameters add their gradients and optimizer state (AdamW: two fp32 moments;
 Adafactor: factored, about none).
 
 `plan()` turns the estimate and the free memory (host.free_memory()) into settings:
@@ -34,7 +34,7 @@ from .errors import TrainingError
 
 MODES = ("auto", "low", "max_speed")
 FIT = 0.8  # share of the free memory a step may plan to use
-PROBE_SIZES = (16, 32)  # latent sides of the two probes (128 and 256 px for an 8x VAE)
+PROBE_SIZES = (16, 24, 32)  # latent sides of the probes (128, 192 and 256 px for an 8x VAE)
 
 GiB = 1024 ** 3
 
@@ -127,23 +127,25 @@ def cpu_available() -> int | None:
 
 @dataclass
 class Estimate:
-    """Extra memory of one training step at latent side h (weights already loaded)."""
+    """Extra memory of one training step at latent side h (weights already loaded):
+    base + a·A + b·A² for the latent area A = h², plus the caller's `fixed`."""
 
     a: float  # bytes per latent pixel
     b: float  # bytes per latent pixel squared
     fixed: int  # memory that does not grow with the image (added by the caller)
     measured: dict[int, int] = field(default_factory=dict)  # latent side -> measured peak
     n_params: int = 0  # trainable values (their optimizer state is added per optimizer)
+    base: float = 0.0  # what the step adds whatever the image size (merged weights, gradients, buffers)
 
     def at(self, side: int) -> int:
         if side in self.measured:
             return self.measured[side] + self.fixed
         area = side * side
-        return int(self.a * area + self.b * area * area) + self.fixed
+        return int(self.base + self.a * area + self.b * area * area) + self.fixed
 
     def max_side(self, budget: float) -> int:
         """Largest latent side whose step fits in `budget` bytes (0 if none)."""
-        room = budget - self.fixed
+        room = budget - self.fixed - self.base
         if room <= 0:
             return 0
         if self.b <= 0:
@@ -152,26 +154,58 @@ class Estimate:
         return int(math.sqrt(max(area, 0)))
 
 
+def fit_points(points: dict[int, int], fixed: int = 0) -> Estimate:
+    """base + a·A + b·A² through the measured (latent side -> peak bytes) points, all three >= 0.
+
+    Why an intercept: at the probes' small sizes much of a step's memory does not grow with the
+    image (a LoRA's merged layer weights and their gradients, optimizer-independent buffers); a fit
+    without one charges that to the area and multiplies it by (training area / probe area) -- 8x too
+    much for SDXL at 512^2 (measured: 23.6 GiB estimated, 3.0 GiB used). With three points the
+    system is solved exactly; a negative b (noise, or no quadratic memory: memory-efficient
+    attention) falls back to the least-squares line base + a·A, a negative base to a·A + b·A²."""
+    sides = sorted(points)
+    areas = [float(h * h) for h in sides]
+    ms = [float(points[h]) for h in sides]
+    base = a = b = 0.0
+    if len(sides) >= 3:
+        sol = torch.linalg.lstsq(torch.tensor([[1.0, A, A * A] for A in areas], dtype=torch.float64),
+                                 torch.tensor(ms, dtype=torch.float64).unsqueeze(1)).solution.squeeze(1).tolist()
+        base, a, b = sol
+    if len(sides) < 3 or b < 0 or a < 0:  # line with an intercept (least squares)
+        n = len(areas)
+        mean_a, mean_m = sum(areas) / n, sum(ms) / n
+        var = sum((x - mean_a) ** 2 for x in areas)
+        a = sum((x - mean_a) * (y - mean_m) for x, y in zip(areas, ms)) / var if var > 0 else 0.0
+        base, b = mean_m - a * mean_a, 0.0
+        if a < 0:  # memory that shrinks with the image: noise; take the largest measurement as flat
+            base, a = max(ms), 0.0
+    if base < 0:  # through the origin: a·A + b·A² (least squares)
+        base = 0.0
+        X = torch.tensor([[A, A * A] for A in areas], dtype=torch.float64)
+        a, b = torch.linalg.lstsq(X, torch.tensor(ms, dtype=torch.float64).unsqueeze(1)).solution.squeeze(1).tolist()
+        if b < 0:
+            a, b = max(m / A for m, A in zip(ms, areas)), 0.0
+    return Estimate(a=max(a, 0.0), b=max(b, 0.0), fixed=fixed, base=base)
+
+
 def fit(measure: Callable[[int], int | None], side: int, fixed: int) -> Estimate | None:
     """Estimate from `measure(latent_side) -> peak bytes` at the probe sizes (or at `side` itself
-    when it is no larger than the second probe). None when memory cannot be measured here."""
-    s1, s2 = PROBE_SIZES
-    if side <= s2:
+    when it is no larger than the largest probe). None when memory cannot be measured here."""
+    if side <= PROBE_SIZES[-1]:
         m = measure(side)
         if m is None:
             return None
         area = side * side
         return Estimate(a=m / area, b=0.0, fixed=fixed, measured={side: m})
-    m1, m2 = measure(s1), measure(s2)
-    if m1 is None or m2 is None:
-        return None
-    a1, a2 = s1 * s1, s2 * s2
-    # m = a·A + b·A² through both points; b clipped at 0 (noise can make it slightly negative)
-    b = max(0.0, (m2 / a2 - m1 / a1) / (a2 - a1))
-    a = max(0.0, m1 / a1 - b * a1)
-    if a == 0.0 and b == 0.0:
-        a = m2 / a2
-    return Estimate(a=a, b=b, fixed=fixed)
+    points = {}
+    for s in PROBE_SIZES:
+        m = measure(s)
+        if m is None:
+            return None
+        points[s] = m
+    est = fit_points(points, fixed)
+    est.measured = dict(points)
+    return est
 
 
 def optimizer_bytes(n_params: int, optimizer: str) -> int:

@@ -168,7 +168,7 @@ def main(argv=None) -> int:
     except (TrainingError, ValueError) as e:
         fail(describe_error(e))
     try:
-        n_found = imageset.count_images(args.images)
+        n_found = imageset.count_images(args.images, roots=imageset.ANY_FOLDER)  # your own files
     except imageset.ImageSetError as e:
         fail(f"--images: {e}")
     if n_found < m.min_images:
@@ -192,7 +192,8 @@ def main(argv=None) -> int:
     print(f"loaded {host.describe} ({host.family}) in {time.perf_counter() - t_load:.1f} s", flush=True)
     resolution = args.resolution or host.native_resolution() or 512
     try:
-        image_set = imageset.prepare_image_set(None, args.images, resolution, args.flip, min_images=m.min_images)
+        image_set = imageset.prepare_image_set(None, args.images, resolution, args.flip, min_images=m.min_images,
+                                               roots=imageset.ANY_FOLDER)
     except imageset.ImageSetError as e:
         fail(f"--images: {e}")
     print(image_set.describe(), flush=True)

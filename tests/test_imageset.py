@@ -17,6 +17,7 @@ from comfyui_domainstudio.trainer.imageset import (
     ROOTS_ENV,
     SUPPORTED_EXTENSIONS,
     FolderRefused,
+    ANY_FOLDER,
     ImageSet,
     ImageSetError,
     decode_image,
@@ -42,7 +43,7 @@ def rgb(h, w, color):
 
 
 def loaded(folder):
-    return dict(load_folder(str(folder)))
+    return dict(load_folder(str(folder), roots=ANY_FOLDER))
 
 
 # ---------------------------------------------------------------- load_folder: modes
@@ -126,7 +127,7 @@ def test_order_extensions_and_hidden_files(tmp_path):
     (tmp_path / "notes.txt").write_text("hello")
     (tmp_path / "sub").mkdir()
     save(tmp_path / "sub" / "deep.png", rgb(4, 4, (1, 2, 3)))
-    names = [n for n, _ in load_folder(str(tmp_path))]
+    names = [n for n, _ in load_folder(str(tmp_path), roots=ANY_FOLDER)]
     assert names == ["A.jpg", "b.PNG", "c.bmp"]
 
 
@@ -142,7 +143,7 @@ def test_corrupt_files_all_listed(tmp_path):
     (tmp_path / "trunc.jpg").write_bytes(data[: len(data) // 2])
     buf.unlink()
     with pytest.raises(ImageSetError) as e:
-        load_folder(str(tmp_path))
+        load_folder(str(tmp_path), roots=ANY_FOLDER)
     msg = str(e.value)
     assert "bad.png" in msg and "trunc.jpg" in msg
     assert "good.png" not in msg
@@ -151,26 +152,26 @@ def test_corrupt_files_all_listed(tmp_path):
 
 def test_folder_errors(tmp_path):
     with pytest.raises(ImageSetError, match="folder is empty"):
-        load_folder("  ")
+        load_folder("  ", roots=ANY_FOLDER)
     missing = tmp_path / "nope"
     with pytest.raises(ImageSetError) as e:
-        load_folder(str(missing))
+        load_folder(str(missing), roots=ANY_FOLDER)
     assert "nope" in str(e.value) and "does not exist" in str(e.value)
     f = tmp_path / "file.png"
     save(f, rgb(4, 4, (0, 0, 0)))
     with pytest.raises(ImageSetError, match="not a directory"):
-        load_folder(str(f))
+        load_folder(str(f), roots=ANY_FOLDER)
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "readme.txt").write_text("x")
     with pytest.raises(ImageSetError) as e:
-        load_folder(str(empty))
+        load_folder(str(empty), roots=ANY_FOLDER)
     assert ".png" in str(e.value) and ".webp" in str(e.value)
 
 
 def test_quoted_path_accepted(tmp_path):
     save(tmp_path / "x.png", rgb(4, 4, (0, 0, 0)))
-    assert [n for n, _ in load_folder(f'"{tmp_path}"')] == ["x.png"]
+    assert [n for n, _ in load_folder(f'"{tmp_path}"', roots=ANY_FOLDER)] == ["x.png"]
 
 
 # ---------------------------------------------------------------- prepare_image_set
@@ -181,7 +182,7 @@ def test_center_crop_keeps_middle(tmp_path):
     a[:, :32] = (255, 0, 0)
     a[:, 96:] = (255, 0, 0)
     save(tmp_path / "wide.png", a)
-    s = prepare_image_set(None, str(tmp_path), 64, False, min_images=1)
+    s = prepare_image_set(None, str(tmp_path), 64, False, min_images=1, roots=ANY_FOLDER)
     assert s.images.shape == (1, 64, 64, 3)
     assert torch.equal(s.images[0], torch.tensor([0.0, 0.0, 1.0]).expand(64, 64, 3))
     assert s.warnings == []
@@ -203,7 +204,7 @@ def test_resize_short_side_then_crop_tall():
 
 def test_small_image_upscaled_with_warning(tmp_path):
     save(tmp_path / "x.png", rgb(30, 40, (9, 9, 9)))
-    s = prepare_image_set(None, str(tmp_path), 64, False, min_images=1)
+    s = prepare_image_set(None, str(tmp_path), 64, False, min_images=1, roots=ANY_FOLDER)
     assert s.images.shape == (1, 64, 64, 3)
     assert s.warnings == ["image 'x.png' is 40×30, upscaled to 64"]
 
@@ -214,7 +215,7 @@ def test_batch_then_folder_and_mixed_sizes(tmp_path):
     batch = torch.zeros(2, 64, 64, 3)
     batch[..., 2] = 1.0
     single = torch.full((1, 70, 100, 1), 0.25)  # gray, different size, [1,H,W,C]
-    s = prepare_image_set([batch, single], str(tmp_path), 64, False)
+    s = prepare_image_set([batch, single], str(tmp_path), 64, False, roots=ANY_FOLDER)
     assert isinstance(s, ImageSet)
     assert len(s) == 5 and s.images.shape == (5, 64, 64, 3) and s.images.dtype == torch.float32
     assert s.names == ["input[0]", "input[1]", "input[2]", "f1.png", "f2.png"]
@@ -399,7 +400,7 @@ def test_confined_listing_skips_files_linking_out_and_names_files_relatively(tre
     assert any("ignored caption file 'a.txt'" in w for w in s.warnings)
     assert not any(tree["tmp"] in w for w in s.warnings)
     # Unconfined (command line) the same links are followed.
-    s = prepare_image_set(None, os.path.join(inp, "set"), 64, False, min_images=1)
+    s = prepare_image_set(None, os.path.join(inp, "set"), 64, False, min_images=1, roots=ANY_FOLDER)
     assert s.names == ["a.png", "b.png", "c.png"] and s.captions[0] == "secret"
 
     with open(os.path.join(inp, "set", "broken.png"), "wb") as f:
@@ -434,11 +435,11 @@ def test_os_error_text_does_not_name_server_paths(tree, monkeypatch):
 
 def test_unconfined_keeps_tilde_and_helpful_messages(tree, monkeypatch):
     monkeypatch.setenv("HOME", tree["input"])
-    assert resolve_image_folder("~/set") == os.path.join(tree["input"], "set")
+    assert resolve_image_folder("~/set", roots=ANY_FOLDER) == os.path.join(tree["input"], "set")
     with pytest.raises(ImageSetError, match="does not exist"):
-        resolve_image_folder(os.path.join(tree["tmp"], "nope"))
+        resolve_image_folder(os.path.join(tree["tmp"], "nope"), roots=ANY_FOLDER)
     with pytest.raises(ImageSetError, match="not a directory"):
-        resolve_image_folder(os.path.join(tree["input"], "file.png"))
+        resolve_image_folder(os.path.join(tree["input"], "file.png"), roots=ANY_FOLDER)
     # ... and with roots the same strings are refused generically, without expansion.
     with pytest.raises(FolderRefused):
         resolve_image_folder("~/set", [tree["input"]])
@@ -463,7 +464,7 @@ def _captioned_folder(tmp_path):
 
 
 def test_folder_captions_from_txt_files(tmp_path):
-    s = prepare_image_set(None, _captioned_folder(tmp_path), 64, True, min_images=1)
+    s = prepare_image_set(None, _captioned_folder(tmp_path), 64, True, min_images=1, roots=ANY_FOLDER)
     assert s.names[:3] == ["a.png", "b.png", "c.png"]
     assert s.captions == ["a photo of a house", None, "upper-case caption file"] * 2  # flips share
     assert len(s.captions) == len(s.images) == len(s.names)
@@ -473,15 +474,15 @@ def test_folder_captions_from_txt_files(tmp_path):
 def test_caption_lines_fill_input_images_then_uncaptioned_folder_images(tmp_path):
     folder = _captioned_folder(tmp_path)
     batch = torch.rand(2, 64, 64, 3)
-    s = prepare_image_set(batch, folder, 64, False, captions="cap in0\n\n  cap  for b \n\n\n")
+    s = prepare_image_set(batch, folder, 64, False, captions="cap in0\n\n  cap  for b \n\n\n", roots=ANY_FOLDER)
     assert s.names == ["input[0]", "input[1]", "a.png", "b.png", "c.png"]
     assert s.captions == ["cap in0", None, "a photo of a house", "cap for b", "upper-case caption file"]
     assert s.warnings == []
-    s = prepare_image_set(batch, folder, 64, False, captions=["x"])
+    s = prepare_image_set(batch, folder, 64, False, captions=["x"], roots=ANY_FOLDER)
     assert s.captions[:2] == ["x", None] and s.captions[3] is None
     assert any("captions has 1 lines for 3 images" in w for w in s.warnings)
     with pytest.raises(ImageSetError) as e:
-        prepare_image_set(batch, folder, 64, False, captions="1\n2\n3\n4")
+        prepare_image_set(batch, folder, 64, False, captions="1\n2\n3\n4", roots=ANY_FOLDER)
     assert "captions has 4 lines but only 3 images take a caption" in str(e.value)
     assert "2 from the images input, 1 folder images without a .txt" in str(e.value)
     s = prepare_image_set(batch, None, 64, False, captions="")
@@ -491,16 +492,16 @@ def test_caption_lines_fill_input_images_then_uncaptioned_folder_images(tmp_path
 def test_caption_limits_and_encoding_name_the_file(tmp_path):
     save(tmp_path / "a.png", rgb(64, 64, (1, 2, 3)))
     (tmp_path / "a.txt").write_text("w" * MAX_CAPTION_CHARS, encoding="utf-8")
-    assert prepare_image_set(None, str(tmp_path), 64, False, min_images=1).captions == ["w" * MAX_CAPTION_CHARS]
+    assert prepare_image_set(None, str(tmp_path), 64, False, min_images=1, roots=ANY_FOLDER).captions == ["w" * MAX_CAPTION_CHARS]
     (tmp_path / "a.txt").write_text("é" * (MAX_CAPTION_CHARS + 1), encoding="utf-8")
     with pytest.raises(ImageSetError, match=f"caption file 'a.txt' .*at most {MAX_CAPTION_CHARS}"):
-        prepare_image_set(None, str(tmp_path), 64, False, min_images=1)
+        prepare_image_set(None, str(tmp_path), 64, False, min_images=1, roots=ANY_FOLDER)
     (tmp_path / "a.txt").write_bytes(b"x" * 10_000_000)  # read only as far as needed
     with pytest.raises(ImageSetError, match="caption file 'a.txt' in folder .* is longer than"):
-        prepare_image_set(None, str(tmp_path), 64, False, min_images=1)
+        prepare_image_set(None, str(tmp_path), 64, False, min_images=1, roots=ANY_FOLDER)
     (tmp_path / "a.txt").write_bytes("caf\xe9".encode("latin-1"))
     with pytest.raises(ImageSetError, match="caption file 'a.txt' .*not UTF-8"):
-        prepare_image_set(None, str(tmp_path), 64, False, min_images=1)
+        prepare_image_set(None, str(tmp_path), 64, False, min_images=1, roots=ANY_FOLDER)
     with pytest.raises(ImageSetError, match="captions: line 2 is 2001 characters"):
         prepare_image_set(torch.rand(2, 64, 64, 3), None, 64, False, captions="ok\n" + "z" * 2001)
 
@@ -570,7 +571,7 @@ def test_reduced_decode_applies_exif_orientation(tmp_path):
         t = decode_image(str(tmp_path / name), 64)
         assert t.shape[0] > t.shape[1]  # displayed portrait
         assert t[5, t.shape[1] // 2, 0] > 0.8 and t[-5, t.shape[1] // 2, 0] < 0.2  # red on top
-    s = prepare_image_set(None, str(tmp_path), 64, False, min_images=1)
+    s = prepare_image_set(None, str(tmp_path), 64, False, min_images=1, roots=ANY_FOLDER)
     assert s.warnings == [] and s.images.shape == (2, 64, 64, 3)
     for img in s.images:  # the crop keeps the middle of the upright image: red at its top only
         assert img[2, 32, 0] > 0.95 and img[2, 32, 1] < 0.05 and img[-3, 32, 0] < 0.05
@@ -586,7 +587,7 @@ _PEAK_SCRIPT = textwrap.dedent("""
     import numpy as np
     from PIL import Image
     runpy.run_path(os.path.join(os.environ["DS_REPO"], "__init__.py"))
-    from comfyui_domainstudio.trainer.imageset import prepare_image_set
+    from comfyui_domainstudio.trainer.imageset import ANY_FOLDER, prepare_image_set
 
     def status(key):
         for line in open("/proc/self/status"):
@@ -595,12 +596,12 @@ _PEAK_SCRIPT = textwrap.dedent("""
 
     warm = tempfile.mkdtemp()
     Image.fromarray(np.zeros((300, 400, 3), np.uint8)).save(os.path.join(warm, "w.png"))
-    prepare_image_set(None, warm, 64, False, min_images=1)  # libraries and allocator warmed up
+    prepare_image_set(None, warm, 64, False, min_images=1, roots=ANY_FOLDER)  # libraries and allocator warmed up
     for folder in sys.argv[1:]:
         with open("/proc/self/clear_refs", "w") as f:  # reset the peak (VmHWM) to the current RSS
             f.write("5")
         before = status("VmRSS:")
-        s = prepare_image_set(None, folder, 256, False, min_images=1)
+        s = prepare_image_set(None, folder, 256, False, min_images=1, roots=ANY_FOLDER)
         assert s.images.shape == (len(os.listdir(folder)), 256, 256, 3)
         print(os.path.basename(folder), (status("VmHWM:") - before) / 2**20, flush=True)
 """)
@@ -632,3 +633,13 @@ def test_peak_memory_of_a_24_megapixel_photo_is_bounded(tmp_path):
     assert peaks["jpg"] < 120, peaks
     assert peaks["png"] < 200, peaks
     assert peaks["jpg6"] < 120, peaks
+
+
+def test_reading_a_folder_needs_roots_said_by_name(tmp_path):
+    """Unconfined reading is opt-in: a caller that forgets `roots` gets an error, not any path."""
+    save(tmp_path / "x.png", np.zeros((8, 8, 3), np.uint8))
+    for call in (lambda: prepare_image_set(None, str(tmp_path), 64, False, min_images=1),
+                 lambda: resolve_image_folder(str(tmp_path)), lambda: load_folder(str(tmp_path))):
+        with pytest.raises(ValueError, match="roots=ANY_FOLDER"):
+            call()
+    assert resolve_image_folder(str(tmp_path), roots=ANY_FOLDER) == str(tmp_path)

@@ -11,7 +11,7 @@ Folders are read in one of two modes:
   file, unreadable, a link leading out — gets one and the same message, which shows only the
   user's own string, so a prompt cannot probe the server's file system. Files in the folder that
   link outside the roots are skipped.
-* **unconfined** (``roots=None``; ``python -m dstrain``, run by the machine's own user): any path,
+* **unconfined** (``roots=ANY_FOLDER``, i.e. None, said by name; ``python -m dstrain``, run by the machine's own user): any path,
   ``~`` expanded, relative to the working directory, with specific messages.
 
 Captions: ``name.txt`` beside ``name.png`` (UTF-8) is that image's caption (the kohya convention);
@@ -121,6 +121,15 @@ class ImageSet:
 # ------------------------------------------------------------------ folder resolution
 
 
+class _Unset:
+    def __repr__(self) -> str:
+        return "<roots not given>"
+
+
+_UNSET = _Unset()
+ANY_FOLDER = None  # roots=ANY_FOLDER: no confinement (the command line, run by the machine's own user)
+
+
 def clean_folder_string(folder) -> str:
     """Undo what pasting adds: surrounding quotes ("Copy as path" on Windows, file managers) and
     stray spaces. Done before anything else looks at the string."""
@@ -178,8 +187,11 @@ def _empty_folder_error() -> ImageSetError:
     )
 
 
-def _resolve(folder, roots: "Sequence[str] | None") -> tuple[str, str]:
+def _resolve(folder, roots: "Sequence[str] | None | _Unset") -> tuple[str, str]:
     """(path to read, label for messages). See resolve_image_folder."""
+    if roots is _UNSET:  # reading a folder is confined unless the caller says otherwise, by name
+        raise ValueError("say which folders may be read: roots=image_roots(input_dir) for anything a "
+                         "prompt can reach, roots=ANY_FOLDER only for the machine's own user (the command line)")
     if folder is None or not str(folder).strip():
         raise _empty_folder_error()
     text = clean_folder_string(folder)
@@ -209,10 +221,10 @@ def _resolve(folder, roots: "Sequence[str] | None") -> tuple[str, str]:
     return real, text
 
 
-def resolve_image_folder(folder, roots: "Sequence[str] | None" = None) -> str:
+def resolve_image_folder(folder, roots: "Sequence[str] | None | _Unset" = _UNSET) -> str:
     """Path of the folder the user means.
 
-    roots=None: no confinement (the command line): `~` is expanded, relative paths are taken from
+    roots=ANY_FOLDER (None): no confinement (the command line): `~` is expanded, relative paths are taken from
     the working directory, and errors say what is wrong with the path.
     roots=[input_dir, *extra]: quotes and spaces are removed first, nothing is expanded, relative
     names are joined to input_dir, and the real path (links and `..` resolved) must be a folder
@@ -220,7 +232,7 @@ def resolve_image_folder(folder, roots: "Sequence[str] | None" = None) -> str:
     return _resolve(folder, roots)[0]
 
 
-def _list_image_files(folder, roots: "Sequence[str] | None" = None) -> tuple[str, str, list[str], list[str]]:
+def _list_image_files(folder, roots: "Sequence[str] | None | _Unset" = _UNSET) -> tuple[str, str, list[str], list[str]]:
     """Resolve and list `folder`: (path, label, sorted image file names, warnings)."""
     path, label = _resolve(folder, roots)
     try:
@@ -254,7 +266,7 @@ def _list_image_files(folder, roots: "Sequence[str] | None" = None) -> tuple[str
     return path, label, names, warnings
 
 
-def count_images(folder, roots: "Sequence[str] | None" = None) -> int:
+def count_images(folder, roots: "Sequence[str] | None | _Unset" = _UNSET) -> int:
     """How many images `folder` holds (checked like prepare_image_set does, nothing decoded):
     frontends check the count before loading a model."""
     return len(_list_image_files(folder, roots)[2])
@@ -391,7 +403,7 @@ def _load_files(path: str, label: str, names: Sequence[str], resolution: "int | 
     return out
 
 
-def load_folder(folder: str, resolution: "int | None" = None, roots: "Sequence[str] | None" = None
+def load_folder(folder: str, resolution: "int | None" = None, roots: "Sequence[str] | None | _Unset" = _UNSET
                 ) -> list[tuple[str, torch.Tensor]]:
     """Load every supported image in `folder` (non-recursive, sorted by name, hidden files
     skipped) as (file name, float32 [H, W, 3] tensor in 0..1). With `resolution`, large images are
@@ -603,7 +615,7 @@ def prepare_image_set(
     min_images: int = 2,
     max_images: int = 1000,
     names: "list[str] | None" = None,
-    roots: "Sequence[str] | None" = None,
+    roots: "Sequence[str] | None | _Unset" = _UNSET,
     captions: "str | Sequence[str | None] | None" = None,
 ) -> ImageSet:
     """Combine the IMAGE input (first) and the images of `folder` (second) into an ImageSet of
@@ -613,7 +625,7 @@ def prepare_image_set(
     augmentation: a horizontally mirrored copy of every image is appended, so N doubles; don't
     use it for subjects whose handedness matters (text, logos, asymmetric faces).
 
-    `roots` confines the folder (see resolve_image_folder); None = any path (command line).
+    `roots` confines the folder (see resolve_image_folder); ANY_FOLDER = any path (command line); a folder read without `roots` is a ValueError.
 
     Captions: a folder image `name.png` with a `name.txt` beside it gets that file's text. The
     `captions` text (one caption per line) then goes, in order, to the images of the IMAGE input

@@ -30,19 +30,22 @@ def small(a: np.ndarray) -> np.ndarray:
     return a.reshape(len(a), 16, 4, 16, 4, 3).mean(axis=(2, 4)).reshape(len(a), -1)
 
 
+def _distances(gen: np.ndarray, refs: np.ndarray) -> np.ndarray:
+    """Squared 16x16-pixel distances [len(gen), len(refs)]."""
+    a, b = small(gen), small(refs)
+    return (a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2 * a @ b.T
+
+
 def nn_accuracy(gen: np.ndarray, ids: np.ndarray, refs: np.ndarray) -> tuple[float, np.ndarray]:
     """Pixel-space (16x16) nearest-neighbour accuracy of ``gen`` [N,64,64,3] in 0..1 against ``refs``."""
-    a, b = small(gen), small(refs)
-    d = (a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2 * a @ b.T
-    nn = d.argmin(1)
+    nn = _distances(gen, refs).argmin(1)
     return float((nn == ids).mean()), nn
 
 
 def own_rank(gen: np.ndarray, ids: np.ndarray, refs: np.ndarray) -> np.ndarray:
     """For each of ``gen``: how many of ``refs`` are nearer (16x16 pixels) than its own ``refs[ids]``
     (0 = the nearest; chance: half of ``refs``)."""
-    a, b = small(gen), small(refs)
-    d = (a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2 * a @ b.T
+    d = _distances(gen, refs)
     own = d[np.arange(len(gen)), ids]
     return (d < own[:, None]).sum(1)
 

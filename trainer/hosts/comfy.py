@@ -94,11 +94,8 @@ def start_like_kohya(lora) -> None:
     learning rate move the weights 4-5x further (bench/personalize_quality.py --init comfy|peft:
     median |dW|/|W| 0.059 vs 0.013 after 400 steps at 1e-4) and left the usual LoRA learning rates
     (kohya's 1e-4) unsafe. Uses the caller's seeded RNG."""
-    with torch.no_grad():
-        down = lora.lora_down.weight
-        flat = torch.empty(down.shape[0], down[0].numel(), dtype=torch.float32, device=down.device)
-        torch.nn.init.kaiming_uniform_(flat, a=math.sqrt(5))
-        down.copy_(flat.reshape(down.shape))
+    with torch.no_grad():  # fan-in of a [rank, in, (k, k)] weight is the layer's input width
+        torch.nn.init.kaiming_uniform_(lora.lora_down.weight, a=math.sqrt(5))
         lora.lora_up.weight.zero_()
 
 

@@ -477,8 +477,12 @@ class Bench:
         hist = core.weighted_history(out, stage)
         losses = {k: [round(float(np.nanmean(v[:50])), 6), round(float(np.nanmean(v[-50:])), 6)]
                   for k, v in hist.items() if v}
+        # the mean of every weighted term over the 50 steps before each checkpoint: a run whose
+        # denoising loss climbs while its samples change is breaking down, not adapting
+        loss_at = {str(c): {k: round(float(np.nanmean(v[max(0, c - 50):c])), 6) for k, v in hist.items() if v}
+                   for c in sorted({*stops, total})}
         return {"train_s": round(stage.seconds, 2), "steps": total, "delta": out.delta, "losses": losses,
-                "seconds_per_step": round(stage.seconds_per_step, 4)}
+                "loss_at": loss_at, "seconds_per_step": round(stage.seconds_per_step, 4)}
 
 
 # ---------------------------------------------------------------------------------------------

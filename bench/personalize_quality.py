@@ -366,6 +366,11 @@ def main(argv=None) -> int:
     ap.add_argument("--diagnose", action="store_true", help="run the defect checks on the first subject instead "
                     "(writes bench/results/personalize_diagnose.json unless --out says otherwise)")
     ap.add_argument("--out", default="")
+    ap.add_argument("--merge", nargs="*", default=[], metavar="PART.json",
+                    help="first take the rows and samples of these results of the same settings (e.g. seeds run as "
+                         "separate processes, each with its own --out), then run what is still missing")
+    ap.add_argument("--merge-only", action="store_true",
+                    help="with --merge: train nothing, only combine the parts (a part's missing runs stay missing)")
     args = ap.parse_args(argv)
     args.out = args.out or os.path.join(REPO, "bench", "results", "personalize_diagnose.json" if args.diagnose
                                         else "personalize_quality.json")
@@ -439,6 +444,19 @@ def main(argv=None) -> int:
         else:
             print(f"{os.path.basename(out_json)} has other settings: starting over")
     setting["resume_key"] = _resume_key(setting)
+    have = {(r["variant"], r["subject"], r["method"], r["seed"]) for r in rows}
+    for part in args.merge:
+        with open(part) as f:
+            other = json.load(f)
+        if other.get("setting", {}).get("resume_key") != setting["resume_key"]:
+            raise SystemExit(f"--merge {part}: made with other settings (checkpoint, sampling or overrides differ)")
+        with np.load(os.path.splitext(part)[0] + "_samples.npz", allow_pickle=False) as z:
+            for k in z.files:
+                saved.setdefault(k, z[k])
+        new_rows = [r for r in other["rows"] if (r["variant"], r["subject"], r["method"], r["seed"]) not in have]
+        rows.extend(new_rows)
+        have.update((r["variant"], r["subject"], r["method"], r["seed"]) for r in new_rows)
+        print(f"merged {len(new_rows)} rows from {os.path.basename(part)}")
     setting["hf_ref_real_emoji"] = high_frequency(g_img[known][:256])
     saved["prompt_google"] = google["images"][unrelated_idx]
     # bench/rescore.py's personalization branch reads these two (its prompt metric: nearest of all training concepts)
@@ -473,6 +491,8 @@ def main(argv=None) -> int:
         saved[f"{si}/subject"] = grids.to_uint8(imgs)
         for seed in args.seeds:
             k_cls, k_unrel = f"{si}/base/{seed}/class", f"{si}/base/{seed}/unrelated"
+            if args.merge_only and k_cls not in saved:
+                continue
             if k_cls not in saved:
                 saved[k_cls] = grids.to_uint8(sampler(model, clip, [f"a photo of {noun}"] * args.samples, seed))
             if k_unrel not in saved:
@@ -488,7 +508,7 @@ def main(argv=None) -> int:
             vname = variant_name(variant)
             for method in args.methods:
                 for seed in args.seeds:
-                    if (vname, name, method, seed) in done:
+                    if (vname, name, method, seed) in done or args.merge_only:
                         continue
                     cfg, opts, init = resolve(args, variant, method, seed, noun)
                     host = host_peft if init == "peft" else host_plain

@@ -143,6 +143,18 @@ def flag_of(name: str) -> str:
     return {"save_name": "--name", "resume_from": "--resume"}.get(name, name)
 
 
+def flags_in_text(text: str, config) -> str:
+    """`text` with the config's setting names (those with an underscore, e.g. unet_learning_rate)
+    written as this CLI's flags (--unet-lr)."""
+    import dataclasses
+    import re
+
+    names = [f.name for f in dataclasses.fields(config) if "_" in f.name]
+    if not names:
+        return text
+    return re.sub(r"\b(" + "|".join(map(re.escape, names)) + r")\b", lambda m: flag_of(m.group(1)), text)
+
+
 def describe_error(e: Exception) -> str:
     from ..trainer.errors import SettingError
 
@@ -226,7 +238,7 @@ def main(argv=None) -> int:
         fail("interrupted" + (f"; kept {', '.join(kept)}" if kept and opts.on_cancel == "keep" else "; nothing was written"))
     bar.close()
     for w in outcome.warnings:
-        print(f"warning: {w}", file=sys.stderr)
+        print(f"warning: {flags_in_text(w, outcome.config)}", file=sys.stderr)
     if outcome.last_preview is not None:
         from ..trainer.grids import save_png, to_uint8
 

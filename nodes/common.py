@@ -260,7 +260,8 @@ def outputs(cls, outcome, message: str) -> dict:
     q = outcome.quality
     return {"delta": {k: v.to(dtype) for k, v in (outcome.delta or {}).items()}, "plot": loss_plot(outcome),
             "saved": saved_text(outcome, message),
-            "report": q.text() if q is not None else "quality report off (set quality_samples)",
+            "report": "\n".join([*(f"warning: {w}" for w in outcome.warnings),
+                                  q.text() if q is not None else "quality report off (set quality_samples)"]),
             "report_image": q.grid if q is not None and q.grid is not None else torch.ones(1, 64, 64, 3),
             "ui": ui.PreviewImage(outcome.last_preview, cls=cls) if outcome.last_preview is not None else None}
 

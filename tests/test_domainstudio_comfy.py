@@ -285,3 +285,30 @@ def test_bf16_precision_trains_finite(comfy, sd15):
     delta = train_domainstudio(comfy, model, clip, vae, steps=2, precision="bf16")["delta"]
     assert delta and all(torch.isfinite(v).all() for v in delta.values())
     assert any(v.abs().sum() > 0 for k, v in delta.items() if k.endswith("lora_down.weight"))
+
+
+_NUMBER = r"(\d+\.\d+|nan)"
+
+
+def test_quality_report_compares_source_and_adapted_samples(comfy, sd15):
+    import re
+
+    model, clip, vae = sd15
+    out = train_domainstudio(comfy, model, clip, vae, steps=3, quality_samples=3, target_prompt="a sks house",
+                             source_prompt="a house")
+    text = out["report"]
+    assert "quality report (3 samples per model, VAE-latent features)" in text, text
+    m = re.search(rf"diversity: adapted {_NUMBER} vs source {_NUMBER} \(ratio {_NUMBER}", text)
+    assert m and all(float(v) > 0 for v in m.groups()), text
+    m = re.search(rf"nearest training image: adapted {_NUMBER} vs source {_NUMBER}", text)
+    assert m and all(0 <= float(v) <= 2 for v in m.groups()), text
+    assert "class-prompt drift" not in text  # a domain method has no class prompt
+    img = out["report_image"]  # rows: training images, source samples, adapted samples
+    assert img.ndim == 4 and img.shape[0] == 1 and img.shape[-1] == 3 and img.shape[1] >= 3 * RES, img.shape
+    assert torch.isfinite(img).all() and 0 <= img.min() and img.max() <= 1
+
+
+def test_quality_report_is_off_by_default(comfy, sd15):
+    model, clip, vae = sd15
+    out = train_domainstudio(comfy, model, clip, vae, steps=2)
+    assert out["report"] == "quality report off (set quality_samples)"

@@ -113,3 +113,22 @@ def test_cancel_with_discard_writes_nothing(server):
     assert new == [], new
     assert events[-1]["message"] == "", events[-1]["message"]
     assert server.get("/system_stats")  # still serving
+
+
+def test_quality_report_in_a_real_server(server):
+    """quality_samples > 0 in the shipped graph: the report image reaches a stock Save Image node
+    and the report's numbers reach the server log (the node's `report` STRING output)."""
+    example, wf = _prepared(server, "domainstudio_text", steps=3, preview_every=0, train_seed=13, quality_samples=2)
+    outputs = server.get("/object_info/DomainStudio_Train")["DomainStudio_Train"]["output_name"]
+    wf["ds_report"] = {"class_type": "SaveImage",
+                       "inputs": {"images": [example.trainer, outputs.index("report_image")],
+                                  "filename_prefix": "ds_quality_report"}}
+    log_before = len(server.log())
+    r = ex.run(server, wf, timeout=600)
+    assert not r.errors(), r.error_text()
+    (report,) = ex.saved_images(server, r, "ds_report")
+    assert report.shape[0] >= 3 * 64 and report.shape[2] == 3, report.shape  # training / source / adapted rows
+    log = server.log()[log_before:]
+    m = re.search(r"quality report \(2 samples per model, VAE-latent features\):\s+diversity: adapted (\d+\.\d+) vs "
+                  r"source (\d+\.\d+)", log)
+    assert m, log[-2000:]

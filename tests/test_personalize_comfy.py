@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from comfyui_domainstudio.testing.comfy_helpers import (RES, clip_state, differing, encode, encode_pooled,
-                                                         subject_images, unet_state)
+                                                         personalize, subject_images, unet_state)
 
 pytestmark = [pytest.mark.comfy, pytest.mark.usefixtures("unload_models")]
 
@@ -189,3 +189,14 @@ def test_one_image_is_allowed_with_a_warning(comfy, sd15):
     model, clip, vae = sd15
     out, _ = _run(comfy, model, clip, vae, "textual_inversion", images=subject_images(1), batch_size=1, ti_steps=1)
     assert out.warnings and "only 1 training image" in out.warnings[0]
+
+
+def test_quality_report_measures_class_drift(comfy, sd15):
+    import re
+
+    model, clip, vae = sd15
+    out = personalize(comfy, model, clip, vae, method="dreambooth_no_prior", quality_samples=2)
+    m = re.search(r"class-prompt drift: (\d+\.\d+)", out["report"])
+    assert m and float(m.group(1)) >= 0, out["report"]
+    assert "quality report (2 samples per model" in out["report"]
+    assert out["report_image"].shape[1] >= 4 * RES  # training, source, adapted, class after

@@ -61,3 +61,31 @@ def test_bf16_compute_keeps_weights_and_trains_fp32_parameters(comfy, sd15):
     assert {p.dtype for p in out.adapter.parameters()} == {torch.float32}
     assert all(torch.isfinite(v).all() for v in out.delta.values())
     assert _dtypes(model.model.diffusion_model) == before
+
+
+def _bf16_losses(comfy, sd15, lr):
+    from comfyui_domainstudio.trainer import run as core
+    from comfyui_domainstudio.trainer.hosts.comfy import ComfyHost
+
+    model, clip, vae = sd15
+    cfg = core.resolve_config("finetune", dict(steps=4, batch_size=2, learning_rate=lr, target_prompt="a house"))
+    with torch.inference_mode():
+        out = core.run(ComfyHost(model, clip, vae), "finetune", cfg, _images(2),
+                       core.RunOptions(precision="bf16", preview_every=0, train_mode="lora_attn"))
+    return out.stages[-1].history["instance"]
+
+
+def test_bf16_training_sees_its_own_small_updates(comfy, sd15, monkeypatch):
+    """Merged into a bf16 weight, a delta below half a bf16 unit of each weight vanishes from the
+    forward pass while its gradient still flows (the run trains blind). The ComfyUI host adds the
+    delta as its own branch in low-precision sessions, so the second step's loss already differs
+    from an untrained run's on the same noise; with the merge it does not."""
+    import comfyui_domainstudio.trainer.hosts.comfy as chost
+
+    still = _bf16_losses(comfy, sd15, 1e-8)
+    moving = _bf16_losses(comfy, sd15, 1e-4)
+    assert moving[0] == still[0]  # step 1 runs before any update
+    assert all(m != s for m, s in zip(moving[1:], still[1:])), (moving, still)
+    monkeypatch.setattr(chost, "bypass", lambda *a, **k: __import__("contextlib").nullcontext())
+    merged = _bf16_losses(comfy, sd15, 1e-4)
+    assert merged[1:] == still[1:], "with the delta merged into bf16 weights, small updates should be invisible"

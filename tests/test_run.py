@@ -381,6 +381,41 @@ def test_nan_and_divergence_stops_write_no_delta(host_cls, match, tmp_path):
     assert listing(tmp_path) == {"loras": [], "embeddings": []}
 
 
+class RisingToyHost(ClimbingToyHost):
+    """Its training loss grows 3 % per step: far below the divergence stop, a run breaking down."""
+
+    def denoising_loss(self, x0_pred, x0, sigma):
+        loss = ToyHost.denoising_loss(self, x0_pred, x0, sigma)
+        if self.training:
+            self.n += 1
+            loss = loss * 1.03**self.n
+        return loss
+
+
+def test_denoising_rise_compares_the_last_and_first_fifty_steps():
+    from comfyui_domainstudio.trainer.quality import denoising_rise, rise_warning
+
+    assert denoising_rise({"simple": [2.0] * 50 + [8.0] * 50, "img": [100.0] * 100}) == 4.0
+    assert denoising_rise({"instance": [1.0] * 50 + [3.0] * 20 + [0.5] * 50}) == 0.5
+    assert denoising_rise({"simple": [1.0] * 99}) is None  # too short to tell
+    assert denoising_rise({"total": [1.0] * 200}) is None  # no denoising term (a token-only objective)
+    assert denoising_rise({"simple": [float("nan")] + [1.0] * 100}) == 1.0
+    w = rise_warning("unet", {"instance": [1.0] * 50 + [3.0] * 50}, "unet_learning_rate")
+    assert w is not None and "3.0x" in w and "Lower unet_learning_rate" in w
+    assert rise_warning("unet", {"instance": [1.0] * 50 + [2.9] * 50}, "unet_learning_rate") is None
+
+
+@pytest.mark.parametrize("host_cls, warned", [(RisingToyHost, True), (ToyHost, False)])
+def test_a_run_whose_denoising_loss_rises_says_so_naming_the_setting(host_cls, warned):
+    out = train("dreambooth_no_prior", host=host_cls(), cfg=cfg_of("dreambooth_no_prior", unet_steps=110,
+                                                                    unet_learning_rate=1e-3))
+    assert out.completed
+    rises = [w for w in out.warnings if "denoising loss" in w]
+    assert bool(rises) == warned, out.warnings
+    if warned:
+        assert rises[0].startswith("unet:") and "Lower unet_learning_rate" in rises[0]
+
+
 def test_nan_in_stage_two_keeps_the_finished_embedding(tmp_path):
     with pytest.raises(TrainingError) as e:
         train("rare_token", tmp_path, host=NaNToyHost(nan_from=4 + 2))

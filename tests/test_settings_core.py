@@ -115,7 +115,7 @@ def test_check_names_the_setting_and_the_fix(cls):
 
 def test_as_dict_replace_and_spec_lookup():
     cfg = settings.replace(FinetuneConfig(), steps=7, target_prompt="x")
-    assert settings.as_dict(cfg) == {"target_prompt": "x", "steps": 7, "learning_rate": 1e-4, "batch_size": 4}
+    assert settings.as_dict(cfg) == {"target_prompt": "x", "steps": 7, "learning_rate": 3e-4, "batch_size": 4}
     with pytest.raises(KeyError, match="FinetuneConfig has no setting lambda_img, zz"):
         settings.replace(cfg, zz=1, lambda_img=2.0)
     assert settings.spec(FinetuneConfig, "learning_rate").cli_flag == "--lr"

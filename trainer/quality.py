@@ -19,6 +19,7 @@ they are not a benchmark (bench/ has those).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -57,6 +58,37 @@ class QualityReport:
                          "class word was overwritten)")
         lines.append("  caveat: a few samples in a proxy feature space flag problems, they do not measure quality")
         return "\n".join(lines)
+
+
+# The health check on the loss history (no sampling needed). The denoising term of a healthy run
+# stays near its start or falls (noisy: every step draws new noise levels); in the miniature
+# benchmark (bench/frontier.py) every run whose samples "changed style" at lr 1e-3 had its
+# denoising loss 7-9x above its first 50 steps: the model was breaking down, not adapting.
+DENOISING_TERMS = ("simple", "instance")
+RISE_WINDOW = 50  # recorded steps averaged at each end
+RISE_WARN = 3.0
+
+
+def denoising_rise(history: dict[str, list[float]]) -> float | None:
+    """Mean of the denoising term over the last RISE_WINDOW recorded steps divided by its mean over
+    the first RISE_WINDOW; None when the stage has no denoising term or too few steps."""
+    term = next((k for k in DENOISING_TERMS if k in history), None)
+    vals = [v for v in history.get(term, ()) if math.isfinite(v)] if term else []
+    if len(vals) < 2 * RISE_WINDOW:
+        return None
+    first = sum(vals[:RISE_WINDOW]) / RISE_WINDOW
+    last = sum(vals[-RISE_WINDOW:]) / RISE_WINDOW
+    return last / first if first > 0 else None
+
+
+def rise_warning(stage_name: str, history: dict[str, list[float]], lr_setting: str) -> str | None:
+    """A warning for a stage whose denoising loss rose RISE_WARN times or more, naming the setting."""
+    rise = denoising_rise(history)
+    if rise is None or rise < RISE_WARN:
+        return None
+    return (f"{stage_name}: the denoising loss of the last {RISE_WINDOW} steps is {rise:.1f}x that of the first "
+            f"{RISE_WINDOW}: the model is likely breaking down rather than adapting (what looks changed may be "
+            f"damage). Lower {lr_setting} (e.g. by 3x) or the steps.")
 
 
 def latent_features(latents: torch.Tensor) -> torch.Tensor:

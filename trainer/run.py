@@ -27,7 +27,7 @@ from typing import Any, Callable
 
 import torch
 
-from . import layers, memory, settings
+from . import layers, memory, quality, settings
 from .errors import SettingError, TrainingError
 from .host import Adapter, Exported, Host, SessionNeeds, Token
 from .loop import Loop, LoopSpec, Rng, StepReport
@@ -317,6 +317,10 @@ def _run(host, method, cfg, images, options, *, saver, resume, on_progress, imag
                 p.requires_grad_(False)
 
     out.completed = True
+    for stage, outcome in zip(stages, out.stages):
+        w = quality.rise_warning(stage.name, outcome.history, stage.lr_setting)
+        if w:
+            out.warnings.append(w)
     out.token = token
     out.adapter = adapter
     if adapter is not None:
@@ -347,8 +351,6 @@ def _run(host, method, cfg, images, options, *, saver, resume, on_progress, imag
                  "preview_steps=%d)", out.preview_seconds, 100 * out.preview_seconds / max(trained, 1e-9), trained,
                  opts.preview_every, opts.preview_steps)
     if opts.quality_samples:
-        from . import quality
-
         report("quality report", 0, 1, message="sampling the quality report")
         with torch.no_grad():
             out.quality = quality.report(host, prompts, x0, samples=opts.quality_samples, resolution=resolution,

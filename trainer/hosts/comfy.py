@@ -43,9 +43,10 @@ class SwitchedDelta(torch.nn.Module):
         self.switch = switch
         self.inner = inner
         self.diff = None if diff is None else torch.nn.Parameter(diff)
+        self.bypass = False  # set by `bypass`: the delta is added as its own branch instead
 
     def __call__(self, w):
-        if not self.switch.enabled:
+        if not self.switch.enabled or self.bypass:
             return w
         if self.inner is not None:
             return self.inner(w)
@@ -57,6 +58,53 @@ class SwitchedDelta(torch.nn.Module):
     def move_to(self, device):
         self.to(device=device)
         return self.passive_memory_usage()
+
+
+def _branch(wrapper: SwitchedDelta, module: torch.nn.Module, args, out):
+    """Forward hook: the layer's output plus its trained delta applied to the same input."""
+    if not wrapper.switch.enabled:
+        return None
+    x = args[0]
+    conv = module.weight.ndim > 2
+    kw = dict(stride=module.stride, padding=module.padding, dilation=module.dilation, groups=module.groups) \
+        if conv else {}
+    if wrapper.inner is not None:
+        lora = wrapper.inner
+        down, up = lora.lora_down.weight, lora.lora_up.weight
+        if conv:
+            h = torch.nn.functional.conv2d(x, down.reshape(down.shape[0], *module.weight.shape[1:]).to(x.dtype), **kw)
+            d = torch.nn.functional.conv2d(h, up.reshape(*up.shape[:2], 1, 1).to(h.dtype))
+        else:
+            d = torch.nn.functional.linear(torch.nn.functional.linear(x, down.to(x.dtype)), up.to(x.dtype))
+        d = d * (lora.alpha / lora.rank)
+    else:
+        diff = wrapper.diff.to(x.dtype)
+        d = torch.nn.functional.conv2d(x, diff, **kw) if conv else torch.nn.functional.linear(x, diff)
+    return out + d.to(out.dtype)
+
+
+@contextlib.contextmanager
+def bypass(diffusion_model: torch.nn.Module, modules: dict[str, SwitchedDelta]):
+    """While training in a low-precision compute dtype, add every trained delta as its own branch
+    of its layer's output (y = W x + delta(x), as kohya and PEFT do) instead of merging it into the
+    weight. Merged, W + delta is rounded to bf16/fp16 before the matmul, and a delta below half a unit
+    in the last place of each weight (bf16: ~0.4 % of it) vanishes from the forward pass while its
+    gradient still flows: the first hundreds of LoRA steps trained blind, with a loss bit-identical
+    to the untouched model's (measured on the miniature model: 100 steps at lr 3e-4 in bf16 gave
+    exactly the lr-1e-8 losses; in fp32 the loss fell 0.150 -> 0.122). The hooks live only inside
+    the session: the modules are shared with every other user of the model."""
+    handles = []
+    try:
+        for name, wrapper in modules.items():
+            wrapper.bypass = True
+            handles.append(diffusion_model.get_submodule(name).register_forward_hook(
+                lambda m, a, o, _w=wrapper: _branch(_w, m, a, o)))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        for wrapper in modules.values():
+            wrapper.bypass = False
 
 
 def trainable_module_names(diffusion_model: torch.nn.Module, mode: str) -> list[str]:
@@ -269,6 +317,8 @@ class ComfyHost(Host):
                 with torch.inference_mode(False), torch.enable_grad(), contextlib.ExitStack() as stack:
                     if token_clip is not None:
                         stack.enter_context(compat.differentiable_text_encoder(token_clip))
+                    if adapter is not None and needs.dtype != torch.float32:
+                        stack.enter_context(bypass(inner_model.diffusion_model, adapter.modules))
                     if needs.checkpointing:
                         stack.enter_context(gradient_checkpointing(inner_model.diffusion_model))
                         if token_clip is not None:

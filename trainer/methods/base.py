@@ -56,6 +56,7 @@ class Stage:
     objective: Callable[[StageInputs], Objective]
     decode: bool = False  # needs a differentiable VAE decode (pixel features)
     prompts: tuple[str, ...] = ()  # prompts encoded once for this stage (the rest are live)
+    lr_setting: str = "learning_rate"  # the setting that holds learning_rate (named in warnings)
 
 
 class Method:

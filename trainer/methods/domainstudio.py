@@ -40,16 +40,18 @@ class DomainStudioConfig:
     source_prompt: str = setting("", "Prompt of the frozen source model for the same images, e.g. 'a house'. "
                                  "Empty = unconditional. '{caption}' inserts each image's caption.")
     steps: int = setting(200, "Training steps.", min=1, max=100000)
-    learning_rate: float = setting(1e-4, "1e-4 suits LoRA; full fine-tuning wants ~5e-6 (paper).",
+    learning_rate: float = setting(3e-4, "3e-4 suits LoRA (rank 8, alpha 8) for ~200 steps: keep learning rate x "
+                                   "steps near 0.06 (README, Defaults); full fine-tuning wants ~5e-6 (paper).",
                                    min=1e-8, max=1.0, step=1e-6, flag="--lr")
     batch_size: int = setting(4, "Images per step. The pairwise terms need >= 3 (with 2 they are identically zero).",
                               min=1, max=64)
-    lambda_img: float = setting(100.0, "Weight of the relative-distance preservation term (paper: 1e2).",
+    lambda_img: float = setting(10.0, "Weight of the relative-distance preservation term (paper: 1e2, which held "
+                                "LoRA training at the source style; README, Defaults).",
                                 min=0.0, max=1e6, step=0.1, advanced=True)
-    lambda_hf: float = setting(100.0, "Weight of the high-frequency relative-distance term (paper: 1e2).",
+    lambda_hf: float = setting(10.0, "Weight of the high-frequency relative-distance term (paper: 1e2).",
                                min=0.0, max=1e6, step=0.1, advanced=True)
-    lambda_hfmse: float = setting(0.1, "Weight of the high-frequency MSE to the training image (paper: 0.1).",
-                                  min=0.0, max=1e6, step=0.01, advanced=True)
+    lambda_hfmse: float = setting(0.01, "Weight of the high-frequency MSE to the training image (paper: 0.1).",
+                                  min=0.0, max=1e6, step=0.001, advanced=True)
     feature_space: str = setting("latent", "Space of the pairwise/high-frequency terms: latent (fast) or pixel "
                                  "(VAE decode, as the paper; much more memory and time).", choices=FEATURE_SPACES,
                                  advanced=True)

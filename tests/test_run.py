@@ -502,7 +502,7 @@ def test_previews_are_sampled_with_the_current_weights():
 
 
 def test_weighted_history_shows_the_terms_as_they_enter_the_objective():
-    cfg = cfg_of("domainstudio", lambda_img=100.0, lambda_hf=0.0)
+    cfg = cfg_of("domainstudio", lambda_img=100.0, lambda_hf=0.0, lambda_hfmse=0.1)
     out = train("domainstudio", cfg=cfg)
     hist = core.weighted_history(out, out.stages[0])
     assert set(hist) == {"total", "simple", "100×img", "0.1×hfmse"}

@@ -140,9 +140,9 @@ def run_demo(args) -> int:
                 bar.update(len(out[-1]))
         return np.concatenate(out)
 
-    world = dq.World(args.style, extract, log=log)
     with phase("loading the checkpoint into ComfyUI (CPU)", log):
         bench = dq.Bench(ckpt, batch=dq.N_EVAL)
+    world = dq.World(args.style, extract, log=log, roundtrip=bench.roundtrip)
     os.makedirs(args.out, exist_ok=True)
     # The defaults (bench/frontier.py chose them: the style moves, diversity stays), then the two
     # ways they were chosen against: DomainStudio with the paper's weights (holds the style still on
@@ -208,12 +208,28 @@ def run_demo(args) -> int:
 
 
 def table_md(rows: dict) -> str:
-    lines = ["| model | style score ↑ | diversity ↑ | distance to shots ↑ | content distance ↓ | KID to target ↓ |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| model | style (VAE space) ↑ | style score ↑ | diversity ↑ | distance to shots ↑ | content distance ↓ "
+             "| KID to target ↓ |",
+             "|---|---|---|---|---|---|---|"]
     for label, r in rows.items():
-        lines.append(f"| {label} | {r['style']:.2f} | {r['diversity']:.3f} | {r['shot_dist']:.3f} | "
-                     f"{r['content_dist']:.3f} | {r['kid_target']:.3f} |")
+        lines.append(f"| {label} | {r.get('style_rt', float('nan')):.2f} | {r['style']:.2f} | {r['diversity']:.3f} | "
+                     f"{r['shot_dist']:.3f} | {r['content_dist']:.3f} | {r['kid_target']:.3f} |")
     return "\n".join(lines)
+
+
+# What bench/frontier.py found at the defaults over 3 seeds (README, Defaults), per target style.
+EXPECT = {
+    "twitter": "over 3 seeds (`bench/frontier.py`)\n  both move the style in VAE space from about 0.30 to 0.52-0.54 (round-tripped Twemoji 0.83) while\n"
+               "  the samples stay as varied as *base*; on the image that is flatter, brighter colour with less\n"
+               "  shading, not a crisp Twemoji: the miniature draws blurry 64x64 emoji.",
+    "openmoji": "over 3 seeds (`bench/frontier.py`)\n  both move the style in VAE space from about 0.10 to 0.30 (round-tripped OpenMoji 0.98), a quarter\n"
+                "  of the way, and the samples get less varied: a distant style is beyond 10 shots x 200 steps here.",
+}
+
+
+def _ref(m: dict, name: str, key: str = "style_rt") -> str:
+    v = m["world"].get("reference", {}).get(name, {}).get(key)
+    return "n/a" if v is None else f"{v:.2f}"
 
 
 def summary_md(m: dict, title: str) -> str:
@@ -234,21 +250,24 @@ from the same noise, so differences between rows are the adaptation.
 - rows 2-3 are the real {title} and Noto renderings of the emoji the columns name: the target is
   "row 2's look with row 3's content".
 - *base*: the source style (Noto-like: glossy, shaded), drawn as well as this miniature can.
-- *fine-tune* and *DomainStudio* at the defaults (200 steps, lr 3e-4; DomainStudio's lambdas 10 / 10 /
-  0.01): expect small changes from *base* (on this miniature some samples turn flatter and paler);
-  the numbers below say whether the style moved, whether the samples stayed as varied as *base*, and
-  whether they moved towards the shots (copying) or away from the emoji they name.
-- *DomainStudio, paper's lambdas* (100 / 100 / 0.1): the relative-distance terms pull towards the
-  source model harder; expect a row closer to *base*.
-- *fine-tune, 2x steps*: more training; watch the distance to the shots and the content distance
-  (a heart or a WC sign where a penguin was asked for is copying, the failure DomainStudio's paper
-  addresses). README, "Defaults", has the same comparison over seeds.
+- *fine-tune* and *DomainStudio* at the defaults ({ds.get('steps')} steps, lr {ds.get('learning_rate')};
+  DomainStudio's lambdas {ds.get('lambda_img')} / {ds.get('lambda_hf')} / {ds.get('lambda_hfmse')}): {EXPECT.get(m['style'], EXPECT['twitter'])}
+- *DomainStudio, paper's lambdas* (100 / 100 / 0.1): the relative-distance terms hold a LoRA at the
+  source style; expect a row close to *base*.
+- *fine-tune, 2x steps*: more training moves the style further; watch the distance to the shots and
+  the content distance (a heart or a WC sign where a penguin was asked for is copying, the failure
+  DomainStudio's paper addresses). README, "Defaults", has the same comparison over seeds.
 
 ## Numbers (EfficientNet-Lite0 features; 24 samples per model, one seed)
 {table_md(m['models'])}
 
-- *style score*: P({title}) of a logistic-regression classifier trained on real Noto vs {title}
-  renderings (accuracy on held-out real renderings {m['world']['classifier_accuracy_real']:.2f}).
+- *style (VAE space)*: P({title}) of a logistic-regression classifier trained on real Noto vs {title}
+  renderings after a round trip through the miniature's own VAE (what the model can draw at best:
+  round-tripped {title} scores {_ref(m, 'roundtrip_target_eval')}, round-tripped Noto
+  {_ref(m, 'roundtrip_source_eval')}). *style score*: the same classifier trained on the real renderings
+  (accuracy on held-out real renderings {m['world']['classifier_accuracy_real']:.2f}); the VAE round trip
+  alone takes real {title} from {_ref(m, 'real_target_eval', 'style')} to
+  {_ref(m, 'roundtrip_target_eval', 'style')} on it, so it compresses what a miniature can show.
 - *diversity*: intra-cluster diversity (samples grouped by nearest shot, mean pairwise cosine distance
   inside a group; 0 = copies of the shots). *distance to shots*: mean cosine distance from each sample
   to its nearest shot (low = copying). *content distance*: each sample to the real {title} rendering of

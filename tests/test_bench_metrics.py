@@ -198,3 +198,35 @@ def test_render_svg_rasterises_on_white_or_names_the_package():
     assert img.shape == (8, 8, 3) and img.dtype == np.uint8
     np.testing.assert_array_equal(img[:, :4], np.broadcast_to([255, 0, 0], (8, 4, 3)))  # left half red
     np.testing.assert_array_equal(img[:, 4:], 255)  # transparent right half composited on white
+
+
+def test_style_probe_shot_scores_hand_case():
+    """bench/style_probe.py: a sample per shot; own-shot distance and nearest-shot rate on features
+    where sample 0 sits on its shot and sample 1 on the other shot."""
+    sp = _bench("style_probe")
+
+    class _Clf:
+        def prob(self, f):
+            return np.full(len(f), 0.25)
+
+    class _World:
+        f_shots = np.array([[1.0, 0.0], [0.0, 1.0]], np.float32)
+        clf = _Clf()
+
+    class _Rt:
+        def prob(self, f):
+            return np.array([1.0, 0.0])
+
+    got = sp.shot_scores(_World(), _Rt(), np.array([[2.0, 0.0], [1.0, 0.0]], np.float32))
+    assert got["own_shot_nearest"] == 0.5  # sample 1 is nearest to shot 0, not its own
+    assert got["own_shot_dist"] == pytest.approx(0.5)  # cosine distances 0 and 1
+    assert got["style"] == 0.25 and got["style_rt"] == 0.5
+
+
+def test_style_probe_summary_groups_seeds_per_setting():
+    sp = _bench("style_probe")
+    runs = {f"ft/{s}": {"setting": "ft", "seed": s, "shot_prompts": {"style": v}, "eval_prompts": {"style": 2 * v}}
+            for s, v in ((0, 0.2), (1, 0.4))}
+    got = sp.summary({"runs": runs})
+    assert got["ft"]["shot_prompts.style"][0] == pytest.approx(0.3)
+    assert got["ft"]["eval_prompts.style"][0] == pytest.approx(0.6) and got["ft"]["eval_prompts.style"][1] > 0

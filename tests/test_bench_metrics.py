@@ -230,3 +230,28 @@ def test_style_probe_summary_groups_seeds_per_setting():
     got = sp.summary({"runs": runs})
     assert got["ft"]["shot_prompts.style"][0] == pytest.approx(0.3)
     assert got["ft"]["eval_prompts.style"][0] == pytest.approx(0.6) and got["ft"]["eval_prompts.style"][1] > 0
+
+
+def test_frontier_uses_the_vae_space_style_where_the_base_has_it():
+    """points() keeps style_rt only where every seed has it; style_key() picks it as the x axis per
+    target style when the base model's point has it, else the raw classifier's style."""
+    def m(style, rt=None):
+        out = {"style": style, "diversity": 0.4, "shot_dist": 0.5, "content_dist": 0.5, "kid_target": 0.1}
+        return out if rt is None else {**out, "style_rt": rt}
+
+    result = {"families": {"ft": "finetune"},
+              "runs": {"ft/twitter/0": {"setting": "ft", "family": "finetune", "style": "twitter", "seed": 0,
+                                        "points": {"100": m(0.3, 0.6)}},
+                       "ft/twitter/1": {"setting": "ft", "family": "finetune", "style": "twitter", "seed": 1,
+                                        "points": {"100": m(0.5, 0.8)}},
+                       "ft/openmoji/0": {"setting": "ft", "family": "finetune", "style": "openmoji", "seed": 0,
+                                         "points": {"100": m(0.2)}}},
+              "base": {"twitter": {"0": m(0.1, 0.3)}, "openmoji": {"0": m(0.05)}}}
+    pts = fr.points(result)
+    tw = next(p for p in pts if p["target"] == "twitter" and p["setting"] == "ft")
+    om = next(p for p in pts if p["target"] == "openmoji" and p["setting"] == "ft")
+    assert tw["style_rt"][0] == pytest.approx(0.7) and "style_rt" not in om
+    assert fr.style_key(pts, "twitter") == "style_rt" and fr.style_key(pts, "openmoji") == "style"
+    cmp_ = fr.compare(pts)
+    assert cmp_["twitter"]["0.60-0.85"]["finetune"] is not None  # banded by style_rt 0.7, not style 0.4
+    assert cmp_["openmoji"]["0.30-0.60"]["finetune"] is None  # raw style 0.2: below every band

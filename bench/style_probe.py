@@ -45,33 +45,38 @@ dq = fr.dq
 OUT_JSON = os.path.join(REPO, "bench", "results", "style_probe.json")
 
 
-def shot_scores(world, clf_rt, f: np.ndarray) -> dict:
+def shot_scores(world, f: np.ndarray) -> dict:
     """Samples of the shots' own captions (one per shot, in order): style, distance to the own shot,
     and how often the own shot is the nearest one."""
     feats = dq.bench_module("features")
     d = feats.cosine_distances(f, world.f_shots)
-    return {"style": float(world.clf.prob(f).mean()), "style_rt": float(clf_rt.prob(f).mean()),
+    return {"style": float(world.clf.prob(f).mean()), "style_rt": float(world.clf_rt.prob(f).mean()),
             "own_shot_dist": float(np.diag(d).mean()),
             "own_shot_nearest": float((d.argmin(axis=1) == np.arange(len(f))).mean())}
 
 
-def probe(bench, world, clf_rt, model, seed: int) -> dict:
+def probe(bench, world, model, seed: int) -> dict:
     shots_prompts = [dq.EVAL_TEMPLATE.format(name=n) for n in world.shot_names]
     f_shot = world.extract(bench.sample(model, shots_prompts, seed=seed))
     f_eval = world.extract(bench.sample(model, world.prompts, seed=seed))
-    return {"shot_prompts": shot_scores(world, clf_rt, f_shot),
+    return {"shot_prompts": shot_scores(world, f_shot),
             "eval_prompts": world.score_features(f_eval)}
 
 
-def ceiling(bench, world, clf_rt) -> dict:
-    ex = world.extract
+def ceiling(bench, world) -> dict:
+    """Mean P(target style) of real renderings and of their VAE round trips, by both classifiers
+    (the evaluation emoji's are World.reference's; the shots' are scored here)."""
+    ref = world.reference
     out = {}
-    for name, imgs in (("target_real", world.eval_target), ("source_real", world.eval_source),
-                       ("shots_real", world.shots)):
-        f_real, f_rt = ex(imgs), ex(bench.roundtrip(imgs))
-        out[name] = float(world.clf.prob(f_real).mean())
-        out[name.replace("_real", "_vae_roundtrip")] = float(world.clf.prob(f_rt).mean())
-        out[name.replace("_real", "_vae_roundtrip") + ".style_rt"] = float(clf_rt.prob(f_rt).mean())
+    for name, real, rt in (("target", "real_target_eval", "roundtrip_target_eval"),
+                           ("source", "real_source_eval", "roundtrip_source_eval")):
+        out[f"{name}_real"] = ref[real]["style"]
+        out[f"{name}_vae_roundtrip"] = ref[rt]["style"]
+        out[f"{name}_vae_roundtrip.style_rt"] = ref[rt]["style_rt"]
+    f_rt = world.extract(bench.roundtrip(world.shots))
+    out["shots_real"] = float(world.clf.prob(world.extract(world.shots)).mean())
+    out["shots_vae_roundtrip"] = float(world.clf.prob(f_rt).mean())
+    out["shots_vae_roundtrip.style_rt"] = float(world.clf_rt.prob(f_rt).mean())
     return out
 
 
@@ -102,8 +107,7 @@ def main(argv=None) -> int:
     world = dq.World(args.style, dq.bench_module("features").Lite0Features(), roundtrip=bench.roundtrip)
     result.update({"benchmark": "bench/style_probe.py", "style": args.style, "steps": args.steps,
                    "setting": bench.describe()})
-    clf_rt = world.clf_rt
-    result["ceiling"] = ceiling(bench, world, clf_rt)
+    result["ceiling"] = ceiling(bench, world)
     print("ceiling (mean P(target style)):", json.dumps({k: round(v, 3) for k, v in result["ceiling"].items()}))
 
     def save():
@@ -114,7 +118,8 @@ def main(argv=None) -> int:
 
     for seed in args.seeds:
         if f"base/{seed}" not in result["runs"]:
-            result["runs"][f"base/{seed}"] = {"setting": "base", "seed": seed, **probe(bench, world, clf_rt, bench.model, seed)}
+            result["runs"][f"base/{seed}"] = {"setting": "base", "seed": seed,
+                                              **probe(bench, world, bench.model, seed)}
             save()
         for s in args.settings:
             rid = f"{s}/{seed}"
@@ -124,10 +129,10 @@ def main(argv=None) -> int:
             got: dict = {}
 
             def on_checkpoint(step, model, got=got, seed=seed):
-                got.update(probe(bench, world, clf_rt, model, seed))
+                got.update(probe(bench, world, model, seed))
 
             bench.train(fr.GRID[s][1], world.training_set(), seed=seed, steps=args.steps,
-                              on_checkpoint=on_checkpoint)
+                        on_checkpoint=on_checkpoint)
             result["runs"][rid] = {"setting": s, "seed": seed, **got, "wall_s": round(time.perf_counter() - t0, 1)}
             save()
             print(f"  {rid:24s} shots: style {got['shot_prompts']['style']:.3f} own-shot nearest "

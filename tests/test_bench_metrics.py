@@ -209,15 +209,16 @@ def test_style_probe_shot_scores_hand_case():
         def prob(self, f):
             return np.full(len(f), 0.25)
 
-    class _World:
-        f_shots = np.array([[1.0, 0.0], [0.0, 1.0]], np.float32)
-        clf = _Clf()
-
     class _Rt:
         def prob(self, f):
             return np.array([1.0, 0.0])
 
-    got = sp.shot_scores(_World(), _Rt(), np.array([[2.0, 0.0], [1.0, 0.0]], np.float32))
+    class _World:
+        f_shots = np.array([[1.0, 0.0], [0.0, 1.0]], np.float32)
+        clf = _Clf()
+        clf_rt = _Rt()
+
+    got = sp.shot_scores(_World(), np.array([[2.0, 0.0], [1.0, 0.0]], np.float32))
     assert got["own_shot_nearest"] == 0.5  # sample 1 is nearest to shot 0, not its own
     assert got["own_shot_dist"] == pytest.approx(0.5)  # cosine distances 0 and 1
     assert got["style"] == 0.25 and got["style_rt"] == 0.5

@@ -7,6 +7,8 @@ writes JSON after every run (a stopped run resumes: rerun the same command) and 
 
     eval "$(bash .ci/setup.sh | tail -2)"
     $DS_VENV/bin/python bench/personalize_quality.py                          # the benchmark (defaults)
+    $DS_VENV/bin/python bench/personalize_quality.py --subjects 5 --seeds 0 --threads 2 \
+        --out bench/results/personalize_quality_defaults.json         # default steps, 5 subjects (75 min)
     $DS_VENV/bin/python bench/personalize_quality.py --methods dreambooth_no_prior --subjects 3 \
         --seeds 0 --unet-lr 1e-4 --sweep unet_lr=1e-5,3e-5,1e-4 --out bench/results/personalize_sweep_lr.json
 

@@ -5,6 +5,9 @@ styles, in one picture.
     eval "$(bash .ci/setup.sh | tail -2)"
     OMP_NUM_THREADS=1 nice -n 10 $DS_VENV/bin/python bench/frontier.py            # resumable; ~1 h of one core
     $DS_VENV/bin/python bench/frontier.py --plot-only                              # table + picture from the JSON
+    OMP_NUM_THREADS=1 $DS_VENV/bin/python bench/frontier.py --styles twitter --checkpoints 200 400 800 1600 \
+        --settings ft_lr3e-4 ds_l1_lr3e-4 ds_paper_lr3e-4 --out bench/results/frontier_long.json \
+        --png bench/results/frontier_long.png                                   # the long runs (~1 h of one core)
 
 Every setting of GRID trains once per (target style, seed) to the largest step count and is sampled
 at every step count of --checkpoints on the way (the live LoRA through ComfyUI's stock LoRA loader,

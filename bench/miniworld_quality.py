@@ -102,6 +102,13 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=os.path.join(REPO, "bench", "results", "miniworld_quality.json"))
     ap.add_argument("--record", action="store_true", help="also write the numbers into miniworld/weights/training.json")
     args = ap.parse_args(argv)
+    for flag, value in (("--domain", args.domain), ("--train", args.train), ("--sks", args.sks)):
+        if value < 1:
+            ap.error(f"{flag} {value}: every section needs at least one sample; use 1 or more")
+    if args.heldout < 0:
+        ap.error(f"--heldout {args.heldout}: use 0 (every held-out concept) or a positive count")
+    if args.sks > args.train:
+        ap.error(f"--sks {args.sks} is more than --train {args.train}: the sks prompts reuse those concepts")
 
     from comfyui_domainstudio.miniworld import config, data, evaluate
     from comfyui_domainstudio.miniworld.comfyenv import comfy

@@ -256,3 +256,15 @@ def test_frontier_uses_the_vae_space_style_where_the_base_has_it():
     cmp_ = fr.compare(pts)
     assert cmp_["twitter"]["0.60-0.85"]["finetune"] is not None  # banded by style_rt 0.7, not style 0.4
     assert cmp_["openmoji"]["0.30-0.60"]["finetune"] is None  # raw style 0.2: below every band
+
+
+@pytest.mark.parametrize("argv, named", [(["--sks", "0"], "--sks 0"), (["--domain", "0"], "--domain 0"),
+                                         (["--train", "4", "--sks", "8"], "--sks 8 is more than --train 4"),
+                                         (["--heldout", "-1"], "--heldout -1")])
+def test_miniworld_quality_refuses_empty_sections_before_any_work(argv, named, capsys):
+    # --sks 0 once crashed after ~30 min of sampling, losing the CFG sweep it had drawn
+    mq = _bench("miniworld_quality")
+    with pytest.raises(SystemExit) as e:
+        mq.main(argv)
+    assert e.value.code == 2
+    assert named in capsys.readouterr().err

@@ -6,8 +6,8 @@ styles, in one picture.
     OMP_NUM_THREADS=1 nice -n 10 $DS_VENV/bin/python bench/frontier.py            # resumable; ~1 h of one core
     $DS_VENV/bin/python bench/frontier.py --plot-only                              # table + picture from the JSON
     OMP_NUM_THREADS=1 $DS_VENV/bin/python bench/frontier.py --styles twitter --checkpoints 200 400 800 1600 \
-        --settings ft_lr3e-4 ds_l1_lr3e-4 ds_paper_lr3e-4 --out bench/results/frontier_long.json \
-        --png bench/results/frontier_long.png                                   # the long runs (~1 h of one core)
+        --settings ft_lr3e-4 ds_l1_lr3e-4 ds_paper_lr3e-4 \
+        --out bench/results/frontier_long.json                                  # the long runs (~1 h of one core)
 
 Every setting of GRID trains once per (target style, seed) to the largest step count and is sampled
 at every step count of --checkpoints on the way (the live LoRA through ComfyUI's stock LoRA loader,
@@ -28,8 +28,9 @@ EfficientNet-Lite0 space by its World:
              degradation the classifier calls "target", not the target style).
 
 Results go to bench/results/frontier.json after every run (a stopped sweep continues where it
-stopped), the picture to bench/results/frontier.png (PIL; one row per target style), and the table
-(mean ± sd over seeds per setting and step count) is printed. `--settings` picks a subset of GRID.
+stopped), the picture beside it (--out with .png, here bench/results/frontier.png; PIL; one row per
+target style), and the table (mean ± sd over seeds per setting and step count) is printed.
+`--settings` picks a subset of GRID.
 
 The claim tested (the DomainStudio paper's): at equal target style, DomainStudio keeps more diversity
 and copies the shots less than fine-tuning. `compare()` reads it off the curves: for each method
@@ -59,7 +60,6 @@ else:
     _spec.loader.exec_module(dq)
 
 OUT_JSON = os.path.join(REPO, "bench", "results", "frontier.json")
-OUT_PNG = os.path.join(REPO, "bench", "results", "frontier.png")
 STYLES = ("twitter", "openmoji")
 SEEDS = (0, 1, 2)
 CHECKPOINTS = (100, 200, 400)
@@ -105,6 +105,8 @@ GRID: dict[str, tuple[str, "dq.Recipe"]] = {
     "ft_all_lr3e-4": ("finetune", dq.Recipe("finetune", {"learning_rate": 3e-4}, {"train_mode": "lora_all"})),
     "ds_l10_all_lr3e-4": ("domainstudio", dq.Recipe("domainstudio", _ds(10.0, 3e-4, hfmse=0.01).config,
                                                     {"train_mode": "lora_all"})),
+    "ds_l1_all_lr3e-4": ("domainstudio", dq.Recipe("domainstudio", _ds(1.0, 3e-4, hfmse=0.001).config,
+                                                   {"train_mode": "lora_all"})),   # the default lambdas
 }
 # The default sweep, the stable regime the defaults were chosen from (5 settings x 2 styles x 3 seeds
 # to 400 steps: ~30 runs of 1.5-2.5 min on one idle core, ~1.2 h); the others are extras run on fewer
@@ -240,6 +242,91 @@ def compare(pts: list[dict]) -> dict:
     return out
 
 
+PAIRED_METRICS = ("diversity", "shot_dist", "kid_target", "content_dist")
+
+
+def sign_flip_p(diffs, n_random: int = 100_000, seed: int = 0) -> float:
+    """Two-sided p of a paired sign-flip permutation test of mean(diffs) = 0: the share of sign
+    patterns whose |sum| reaches the observed one (exact up to 16 pairs, else n_random seeded draws).
+    No distribution assumed, no scipy."""
+    import numpy as np
+
+    d = np.asarray(diffs, dtype=np.float64)
+    if len(d) == 0:
+        return float("nan")
+    if len(d) <= 16:
+        signs = 1 - 2 * ((np.arange(2 ** len(d))[:, None] >> np.arange(len(d))) & 1)
+    else:
+        signs = np.random.default_rng(seed).choice((-1.0, 1.0), size=(n_random, len(d)))
+    return float(np.mean(np.abs(signs @ d) >= abs(d.sum()) - 1e-12))
+
+
+def _paired_stats(diffs) -> dict:
+    import numpy as np
+
+    d = np.asarray(diffs, dtype=np.float64)
+    sd = float(d.std(ddof=1)) if len(d) > 1 else None
+    return {"mean": float(d.mean()), "sd": sd, "n": int(len(d)),
+            "n_higher": int((d > 0).sum()), "p": sign_flip_p(d)}
+
+
+def paired(result: dict, a: str, b: str, metrics=PAIRED_METRICS) -> dict:
+    """Setting `b` against setting `a`, seed by seed (the same seed = the same shots order, noise and
+    base samples), per target style and step of `b`:
+
+    * same_step: b's metric minus a's at the same step (and the style, how far each moved);
+    * equal_style: b's metric minus a's interpolated at b's style along a's own curve (base model,
+      then every checkpoint, linear in the style: style_rt where the base has it, as style_key) --
+      the paper's claim is about equal style, and a setting that moves less keeps more diversity for
+      that reason alone. Seeds where b's style lies outside a's curve are left out (n says how many
+      remain).
+
+    Each entry: mean ± sd of the differences, how many seeds are higher, and the sign-flip p."""
+    import numpy as np
+
+    out: dict = {}
+    runs = result["runs"]
+    for style in sorted({r["style"] for r in runs.values()}):
+        seeds = sorted({r["seed"] for r in runs.values() if r["style"] == style and r["setting"] == a}
+                       & {r["seed"] for r in runs.values() if r["style"] == style and r["setting"] == b})
+        if not seeds:
+            continue
+        steps = sorted({int(k) for s in seeds for k in runs[run_id(b, style, s)]["points"]})
+        key = "style_rt" if all("style_rt" in v for v in result["base"][style].values()) else "style"
+        per_step = {}
+        for step in steps:
+            same = {m: [] for m in (key, *metrics)}
+            equal = {m: [] for m in metrics}
+            for s in seeds:
+                pa, pb = runs[run_id(a, style, s)]["points"], runs[run_id(b, style, s)]["points"].get(str(step))
+                if pb is None:
+                    continue
+                if str(step) in pa:
+                    for m in same:
+                        same[m].append(pb[m] - pa[str(step)][m])
+                curve = [result["base"][style][str(s)]] + [pa[k] for k in sorted(pa, key=int)]
+                order = np.argsort([c[key] for c in curve], kind="stable")
+                xs = np.array([curve[i][key] for i in order])
+                if xs[0] <= pb[key] <= xs[-1]:
+                    for m in metrics:
+                        equal[m].append(pb[m] - float(np.interp(pb[key], xs, [curve[i][m] for i in order])))
+            per_step[str(step)] = {"same_step": {m: _paired_stats(v) for m, v in same.items() if v},
+                                   "equal_style": {m: _paired_stats(v) for m, v in equal.items() if v}}
+        out[style] = {"seeds": seeds, "style_key": key, "steps": per_step}
+    return out
+
+
+def print_paired(name: str, res: dict, log=print) -> None:
+    log(f"\n{name}, paired by seed (difference mean ± sd, seeds higher, sign-flip p):")
+    for style, r in res.items():
+        for step, kinds in r["steps"].items():
+            for kind, ms in kinds.items():
+                cells = "; ".join(f"{m} {v['mean']:+.4f}±{'-' if v['sd'] is None else format(v['sd'], '.4f')} "
+                                  f"({v['n_higher']}/{v['n']}, p {v['p']:.3f})" for m, v in ms.items())
+                cells = cells or "no seed's style lies on A's curve"
+                log(f"  {style:9s} @{step:>4s} {kind:11s} {cells}")
+
+
 def table(pts: list[dict], log=print) -> None:
     cols = (*METRICS, "denoise_x")
     log(f"{'style':9s} {'setting':18s} {'step':>5s} {'n':>2s} " + " ".join(f"{LABELS[k]:>16s}" for k in cols))
@@ -369,13 +456,19 @@ def main(argv=None) -> int:
     ap.add_argument("--checkpoints", nargs="+", type=int, default=list(CHECKPOINTS))
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=OUT_JSON)
-    ap.add_argument("--png", default=OUT_PNG)
+    ap.add_argument("--png", default=None, help="the picture (default: --out with .png, so a part run with its own "
+                                                "--out never overwrites bench/results/frontier.png)")
     ap.add_argument("--plot-only", action="store_true", help="redraw the table and the picture from --out")
     ap.add_argument("--max-runs", type=int, default=0, help="stop after this many new runs (0: all)")
+    ap.add_argument("--paired", nargs=2, action="append", default=[], metavar=("A", "B"),
+                    help="also compare setting B with setting A seed by seed, at the same step and at equal style "
+                         "(repeatable; stored under 'paired' in --out)")
     ap.add_argument("--merge", nargs="*", default=[], metavar="PART.json",
                     help="first take the runs of these results (parts of the sweep run as separate processes, each "
                          "with its own --out); a run already in --out is kept")
     args = ap.parse_args(argv)
+    if args.png is None:
+        args.png = os.path.splitext(args.out)[0] + ".png"
     result = load(args.out)
     for part in args.merge:
         merge_into(result, load(part))
@@ -455,6 +548,14 @@ def finish(result: dict, args) -> int:
                 cells.append(f"{fam} " + ("-" if v is None else f"div {v['diversity'][0]:.3f} ({v['diversity_at']}), "
                                                               f"dist {v['shot_dist'][0]:.3f}"))
             print(f"  {style:9s} style {band}: " + "; ".join(cells))
+    for a, b in getattr(args, "paired", []):
+        for name in (a, b):
+            if not any(r["setting"] == name for r in result["runs"].values()):
+                raise SystemExit(f"frontier: --paired {a} {b}: {args.out} has no runs of {name!r}; "
+                                 f"its settings: {sorted({r['setting'] for r in result['runs'].values()})}")
+        res = paired(result, a, b)
+        print_paired(f"{b} vs {a}", res)
+        result.setdefault("paired", {})[f"{b} vs {a}"] = res
     result["points"] = pts
     result["compare"] = cmp_
     result["style_keys"] = {style: style_key(pts, style) for style in cmp_}

@@ -233,6 +233,48 @@ def test_style_probe_summary_groups_seeds_per_setting():
     assert got["ft"]["eval_prompts.style"][0] == pytest.approx(0.6) and got["ft"]["eval_prompts.style"][1] > 0
 
 
+def test_sign_flip_p_hand_cases():
+    # [1, 2, 3]: of the 8 sign patterns only +++ and --- reach |sum| 6
+    assert fr.sign_flip_p([1.0, 2.0, 3.0]) == pytest.approx(0.25)
+    assert fr.sign_flip_p([1.0, -1.0]) == pytest.approx(1.0)
+    assert fr.sign_flip_p([0.5] * 20) < 1e-3  # past 16 pairs: seeded random patterns (exact: 2 / 2**20)
+
+
+def test_frontier_paired_same_step_and_equal_style(tmp_path):
+    """B against A per seed: at the same step, and at B's style along A's own curve (base, then A's
+    checkpoints, linear in style_rt); a seed whose B style lies beyond A's curve is left out."""
+    def m(rt, div):
+        return {"style": 0.0, "style_rt": rt, "diversity": div, "shot_dist": 0.5, "content_dist": 0.5, "kid_target": 0.1}
+
+    def run(setting, seed, pts):
+        return {"setting": setting, "family": "x", "style": "twitter", "seed": seed,
+                "points": {str(k): m(*v) for k, v in pts.items()}}
+
+    result = {"families": {}, "base": {"twitter": {"0": m(0.0, 0.3), "1": m(0.1, 0.4)}},
+              "runs": {"ft/twitter/0": run("ft", 0, {50: (0.4, 0.2), 100: (0.9, 0.1)}),
+                       "ft/twitter/1": run("ft", 1, {50: (0.5, 0.3), 100: (1.0, 0.2)}),
+                       "ds/twitter/0": run("ds", 0, {50: (0.2, 0.35), 100: (0.95, 0.3)}),
+                       "ds/twitter/1": run("ds", 1, {50: (0.3, 0.36), 100: (0.75, 0.3)})}}
+    res = fr.paired(result, "ft", "ds")["twitter"]
+    assert res["seeds"] == [0, 1] and res["style_key"] == "style_rt"
+    s50 = res["steps"]["50"]
+    assert s50["same_step"]["diversity"]["mean"] == pytest.approx((0.15 + 0.06) / 2)
+    assert s50["same_step"]["style_rt"]["mean"] == pytest.approx((-0.2 - 0.2) / 2)
+    # seed 0: ft at style 0.2 = halfway base (0.0, 0.3) -> (0.4, 0.2) = 0.25; seed 1: at 0.3 -> 0.35
+    eq = s50["equal_style"]["diversity"]
+    assert eq["mean"] == pytest.approx((0.10 + 0.01) / 2) and eq["n"] == 2 and eq["n_higher"] == 2
+    assert eq["p"] == pytest.approx(0.5)
+    eq100 = res["steps"]["100"]["equal_style"]["diversity"]  # seed 0's 0.95 lies beyond ft's 0.9
+    assert eq100["n"] == 1 and eq100["mean"] == pytest.approx(0.3 - 0.25) and eq100["sd"] is None
+    out = tmp_path / "fr.json"
+    out.write_text(json.dumps(result))
+    assert fr.main(["--plot-only", "--out", str(out), "--paired", "ft", "ds"]) == 0
+    assert (tmp_path / "fr.png").exists()  # the picture goes beside --out
+    assert json.loads(out.read_text())["paired"]["ds vs ft"]["twitter"]["seeds"] == [0, 1]
+    with pytest.raises(SystemExit, match="no runs of 'dss'"):
+        fr.main(["--plot-only", "--out", str(out), "--paired", "ft", "dss"])
+
+
 def test_frontier_uses_the_vae_space_style_where_the_base_has_it():
     """points() keeps style_rt only where every seed has it; style_key() picks it as the x axis per
     target style when the base model's point has it, else the raw classifier's style."""

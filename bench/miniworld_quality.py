@@ -93,6 +93,9 @@ def main(argv=None) -> int:
     ap.add_argument("--heldout", type=int, default=0, help="held-out concepts prompted (0: all)")
     ap.add_argument("--domain-cfg-sweep", type=float, nargs="*", default=[],
                     help="also measure 'an emoji' (KID, diversity) at these CFG scales, --domain samples each")
+    ap.add_argument("--domain-sampler-sweep", nargs="*", default=[], metavar="SAMPLER",
+                    help="also draw the 'an emoji' samples with these KSampler samplers (e.g. euler_ancestral "
+                         "dpmpp_2m), at --steps and --cfg, scheduler normal")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--cfg", type=float, default=5.0)
     ap.add_argument("--batch", type=int, default=16)
@@ -109,6 +112,16 @@ def main(argv=None) -> int:
         ap.error(f"--heldout {args.heldout}: use 0 (every held-out concept) or a positive count")
     if args.sks > args.train:
         ap.error(f"--sks {args.sks} is more than --train {args.train}: the sks prompts reuse those concepts")
+    if args.domain_sampler_sweep:
+        from comfyui_domainstudio.miniworld.comfyenv import comfy as _comfy
+
+        _comfy()
+        import comfy.samplers
+
+        unknown = [s for s in args.domain_sampler_sweep if s not in comfy.samplers.KSampler.SAMPLERS]
+        if unknown:
+            ap.error(f"--domain-sampler-sweep {' '.join(unknown)}: not a KSampler sampler on this ComfyUI; "
+                     f"use one of {', '.join(comfy.samplers.KSampler.SAMPLERS)}")
 
     from comfyui_domainstudio.miniworld import config, data, evaluate
     from comfyui_domainstudio.miniworld.comfyenv import comfy
@@ -181,6 +194,19 @@ def main(argv=None) -> int:
         res["domain_cfg_sweep"].append({"cfg": cfg, "kid": F.kid(f, f_real), "diversity_ratio": diversity(f) /
                                         res["reference"]["diversity_real"], "seconds": round(time.perf_counter() - t, 1)})
 
+    res["domain_sampler_sweep"], sweep_rows = [], []
+    for name in args.domain_sampler_sweep:
+        t = time.perf_counter()
+        imgs = evaluate.generate(nodes, mw, ["an emoji"] * args.domain, seed=args.seed, steps=args.steps, cfg=args.cfg,
+                                 batch=args.batch, sampler=name)
+        f = ext(imgs)
+        sweep_rows.append(imgs[:16])
+        _, _, nn_s = nn_accuracy(f, np.zeros(len(f), int), f_real)
+        res["domain_sampler_sweep"].append({"sampler": name, "scheduler": "normal", "kid": F.kid(f, f_real),
+                                            "diversity_ratio": diversity(f) / res["reference"]["diversity_real"],
+                                            "coverage": len(set(nn_s.tolist())) / len(f),
+                                            "seconds": round(time.perf_counter() - t, 1)})
+
     # training captions
     pick = np.linspace(0, len(tr_idx) - 1, min(args.train, len(tr_idx))).round().astype(int)
     want = np.array([tr_idx[i] for i in pick])
@@ -225,6 +251,9 @@ def main(argv=None) -> int:
           f"({d['diversity']:.4f} vs {r['diversity_real']:.4f}); coverage {d['coverage']:.2f}")
     for sw in res["domain_cfg_sweep"]:
         print(f"{'  an emoji at CFG ' + str(sw['cfg']):34s} {sw['kid']:8.4f}  diversity / real {sw['diversity_ratio']:.3f}")
+    for sw in res["domain_sampler_sweep"]:
+        print(f"{'  an emoji, sampler ' + sw['sampler']:34s} {sw['kid']:8.4f}  diversity / real {sw['diversity_ratio']:.3f}, "
+              f"coverage {sw['coverage']:.2f}")
     print(f"{'train captions NN accuracy':34s} {t['nn_accuracy']:8.3f}  top-5 {t['top5_accuracy']:.3f}, pixel {t['nn_accuracy_pixel16']:.3f}, "
           f"chance {t['chance']:.4f} (n {t['n']}); KID {t['kid']:.4f}")
     print(f"{'sks captions NN accuracy':34s} {res['sks']['nn_accuracy']:8.3f}  same concepts plain "
@@ -241,9 +270,9 @@ def main(argv=None) -> int:
     from comfyui_domainstudio.trainer.grids import save_png, tile_rows
 
     k = 16
-    save_png(tile_rows([dom[:k], real[want[:k]], trn[:k], sks[:k], real[hsel[:k]], ho[:k]], gap=4),
+    save_png(tile_rows([dom[:k], *sweep_rows, real[want[:k]], trn[:k], sks[:k], real[hsel[:k]], ho[:k]], gap=4),
              args.out[:-5] + "_samples.png" if args.out.endswith(".json") else args.out + "_samples.png", scale=2)
-    print(f"wrote {args.out} (grid rows: 'an emoji'; real / 'an emoji of <name>' / 'a sks emoji of <name>' for training "
+    print(f"wrote {args.out} (grid rows: 'an emoji'{', then with each --domain-sampler-sweep sampler' if sweep_rows else ''}; real / 'an emoji of <name>' / 'a sks emoji of <name>' for training "
           f"concepts; real / 'an emoji of <name>' for held-out concepts)")
     if args.record and os.path.exists(config.RECORD_FILE):
         with open(config.RECORD_FILE) as f:

@@ -61,10 +61,12 @@ def load_nodes(path: str | None = None):
     return nodes, nodes.CheckpointLoaderSimple().load_checkpoint(os.path.basename(path))[:3]
 
 
-def generate(nodes, mw, prompts, seed=0, steps=20, cfg=5.0, batch: int = 1, negative: str = "") -> np.ndarray:
+def generate(nodes, mw, prompts, seed=0, steps=20, cfg=5.0, batch: int = 1, negative: str = "",
+             sampler: str = "euler", scheduler: str = "normal") -> np.ndarray:
     """Stock-node samples, one per prompt, float [N,64,64,3] in 0..1. ``batch`` > 1 draws that many
     prompts in one KSampler call (their CLIPTextEncode outputs stacked on the batch axis, one
-    EmptyLatentImage batch, seed ``seed + first index``); 1 = one call per prompt with seed ``seed + i``."""
+    EmptyLatentImage batch, seed ``seed + first index``); 1 = one call per prompt with seed ``seed + i``.
+    ``sampler``/``scheduler``: KSampler's sampler_name and scheduler."""
     model, clip, vae = mw
     out = []
     with torch.inference_mode():
@@ -76,7 +78,8 @@ def generate(nodes, mw, prompts, seed=0, steps=20, cfg=5.0, batch: int = 1, nega
             if "pooled_output" in pos[0][1] and pos[0][1]["pooled_output"] is not None:
                 pos[0][1]["pooled_output"] = torch.cat([c[0][1]["pooled_output"] for c in conds])
             (latent,) = nodes.EmptyLatentImage().generate(64, 64, len(chunk))
-            (s,) = nodes.KSampler().sample(model, seed + i, steps, cfg, "euler", "normal", pos, neg, latent, denoise=1.0)
+            (s,) = nodes.KSampler().sample(model, seed + i, steps, cfg, sampler, scheduler, pos, neg, latent,
+                                            denoise=1.0)
             out.append(nodes.VAEDecode().decode(vae, s)[0].float().numpy())
     return np.concatenate(out)
 

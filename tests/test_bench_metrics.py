@@ -310,3 +310,12 @@ def test_miniworld_quality_refuses_empty_sections_before_any_work(argv, named, c
         mq.main(argv)
     assert e.value.code == 2
     assert named in capsys.readouterr().err
+
+
+def test_miniworld_quality_refuses_an_unknown_sampler_before_any_work(capsys):
+    mq = _bench("miniworld_quality")
+    with pytest.raises(SystemExit) as e:
+        mq.main(["--domain-sampler-sweep", "euler_ancestral", "eulr"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "--domain-sampler-sweep eulr" in err and "euler_ancestral," in err  # names the bad one, lists the rest

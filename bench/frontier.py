@@ -473,6 +473,13 @@ def main(argv=None) -> int:
     for part in args.merge:
         merge_into(result, load(part))
     result.setdefault("families", {}).update({s: GRID[s][0] for s in GRID})
+    # --paired names are checked before any training: a typo must not surface after an hour's sweep
+    have = {r["setting"] for r in result["runs"].values()} | (set() if args.plot_only else set(args.settings))
+    for a, b in args.paired:
+        for name in (a, b):
+            if name not in have:
+                raise SystemExit(f"frontier: --paired {a} {b}: {args.out} has no runs of {name!r} and this command "
+                                 f"trains none; its settings: {', '.join(sorted(have)) or 'none yet'}")
     if args.plot_only:
         return finish(result, args)
 
@@ -548,11 +555,7 @@ def finish(result: dict, args) -> int:
                 cells.append(f"{fam} " + ("-" if v is None else f"div {v['diversity'][0]:.3f} ({v['diversity_at']}), "
                                                               f"dist {v['shot_dist'][0]:.3f}"))
             print(f"  {style:9s} style {band}: " + "; ".join(cells))
-    for a, b in getattr(args, "paired", []):
-        for name in (a, b):
-            if not any(r["setting"] == name for r in result["runs"].values()):
-                raise SystemExit(f"frontier: --paired {a} {b}: {args.out} has no runs of {name!r}; "
-                                 f"its settings: {sorted({r['setting'] for r in result['runs'].values()})}")
+    for a, b in args.paired:
         res = paired(result, a, b)
         print_paired(f"{b} vs {a}", res)
         result.setdefault("paired", {})[f"{b} vs {a}"] = res

@@ -112,21 +112,17 @@ def main(argv=None) -> int:
         ap.error(f"--heldout {args.heldout}: use 0 (every held-out concept) or a positive count")
     if args.sks > args.train:
         ap.error(f"--sks {args.sks} is more than --train {args.train}: the sks prompts reuse those concepts")
-    if args.domain_sampler_sweep:
-        from comfyui_domainstudio.miniworld.comfyenv import comfy as _comfy
-
-        _comfy()
-        import comfy.samplers
-
-        unknown = [s for s in args.domain_sampler_sweep if s not in comfy.samplers.KSampler.SAMPLERS]
-        if unknown:
-            ap.error(f"--domain-sampler-sweep {' '.join(unknown)}: not a KSampler sampler on this ComfyUI; "
-                     f"use one of {', '.join(comfy.samplers.KSampler.SAMPLERS)}")
 
     from comfyui_domainstudio.miniworld import config, data, evaluate
     from comfyui_domainstudio.miniworld.comfyenv import comfy
 
     comfy()
+    from comfy.samplers import KSampler
+
+    unknown = [s for s in args.domain_sampler_sweep if s not in KSampler.SAMPLERS]
+    if unknown:
+        ap.error(f"--domain-sampler-sweep {' '.join(unknown)}: not a KSampler sampler on this ComfyUI; "
+                 f"use one of {', '.join(KSampler.SAMPLERS)}")
     import torch
 
     if args.threads:

@@ -90,9 +90,10 @@ def _torch_save(obj, path: str) -> None:
 
 
 def _write_json(obj, path: str) -> None:
-    with open(path + ".tmp", "w") as f:
+    tmp = f"{path}.{os.getpid()}.tmp"   # two stages in two processes may write runs.json at once
+    with open(tmp, "w") as f:
         json.dump(obj, f, indent=1)
-    os.replace(path + ".tmp", path)
+    os.replace(tmp, path)
 
 
 def _read_json(path: str) -> dict:
@@ -184,6 +185,50 @@ def recon_loss(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 def cosine_lr(step: int, total: int, warm: int, floor: float = 0.05) -> float:
     return min(1.0, (step + 1) / warm) * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(step, total) / total)))
+
+
+class StepBudget:
+    """``--unet-minutes`` / ``--dec-minutes``: fix a loop's total step count from its own measured speed,
+    so that it trains for about ``minutes`` of wall time (a GPU lent for a fixed lease).
+
+    The loop calls :meth:`total` after every step; steps FIRST..LAST of this process are timed (after
+    start-up, allocation and autotuning), and from then on the total is fixed at
+    ``minutes * 60 / seconds_per_step``, never below the steps already done. With ``minutes`` 0, or on a
+    resumed run (its checkpoint keeps the total it fixed), the given total stands. The warm-up of the
+    learning-rate schedule is at least as long as LAST for the unet stage (200 steps), so fixing the total late
+    changes none of its learning rates; the decoder's 50-step warm-up ends earlier, and its steps 50-120
+    follow the cosine of ``--dec-steps`` (within 2 % of the final one)."""
+
+    FIRST, LAST = 20, 120
+
+    def __init__(self, minutes: float, total: int, start_step: int = 0, fixed: bool = False,
+                 until: float = 0):
+        self.minutes, self.value, self.start = float(minutes or 0), int(total), int(start_step)
+        self.until = float(until or 0)   # or a wall-clock deadline (epoch seconds) for the whole loop
+        self.fixed = fixed or not (self.minutes or self.until)
+        self.t_first = None
+        self.s_per_step = None
+
+    def total(self, step: int) -> int:
+        if self.fixed:
+            return self.value
+        done = step - self.start
+        if done == self.FIRST:
+            self.t_first = time.time()
+        elif done == self.LAST and self.t_first is not None:
+            self.s_per_step = (time.time() - self.t_first) / (self.LAST - self.FIRST)
+            if self.until:
+                self.value = max(step + 1, step + int((self.until - time.time()) / self.s_per_step))
+                self.minutes = round((self.value - self.start) * self.s_per_step / 60, 2)
+            else:
+                self.value = max(step + 1, int(self.minutes * 60 / self.s_per_step))
+            self.fixed = True
+            _log(f"{self.s_per_step * 1000:.1f} ms/step: {self.value} steps fill {self.minutes:g} min")
+        return self.value
+
+    def record(self) -> dict:
+        return ({"minutes_budget": self.minutes, "s_per_step_measured": round(self.s_per_step, 5)}
+                if self.s_per_step else {})
 
 
 # --- VAE ------------------------------------------------------------------------------------------
@@ -350,13 +395,16 @@ def stage_decoder(a, dev, work: str) -> dict:
     g = torch.Generator().manual_seed(config.SEED + 12)
     ckpt = os.path.join(work, "decoder_ckpt.pt")
     step, wall0, total = 0, 0.0, a.dec_steps
-    if os.path.exists(ckpt):
+    resumed = os.path.exists(ckpt)
+    if resumed:
         st = torch.load(ckpt, map_location="cpu", weights_only=True)
         dec.load_state_dict(st["model"])
         opt.load_state_dict(st["opt"])
         g.set_state(st["gen"])
         step, wall0 = st["step"], st["wall"]
+        total = int(st.get("total", total))
         _log(f"decoder: resumed at step {step}/{total}")
+    budget = StepBudget(a.dec_minutes, total, step, fixed=resumed, until=a.dec_until)
     disc = disc_opt = None
     if a.dec_adv > 0:
         torch.manual_seed(config.SEED + 13)
@@ -391,6 +439,7 @@ def stage_decoder(a, dev, work: str) -> dict:
             d_loss.backward()
             disc_opt.step()
         step += 1
+        total = budget.total(step)
         last.append(loss.item())
         if step % 100 == 0 or step == total:
             el = wall0 + time.time() - t0
@@ -399,11 +448,11 @@ def stage_decoder(a, dev, work: str) -> dict:
         if step % a.ckpt_every == 0 or Stop.requested:
             extra = {"disc": disc.state_dict(), "disc_opt": disc_opt.state_dict()} if disc is not None else {}
             _torch_save({"model": dec.state_dict(), "opt": opt.state_dict(), "gen": g.get_state(), "step": step,
-                         "wall": wall0 + time.time() - t0, **extra}, ckpt)
+                         "total": total, "wall": wall0 + time.time() - t0, **extra}, ckpt)
             if Stop.requested:
                 sys.exit(3)
     wall = wall0 + time.time() - t0
-    sd = _fp16({k: v.float() for k, v in vae.state_dict().items()})
+    sd = _fp16({k: v.float().cpu() for k, v in vae.state_dict().items()})
     assert all(torch.equal(sd[k], before[k]) for k in before if not k.startswith("taesd_decoder."))
     _save(sd, final, {"format": "comfy.taesd.taesd.TAESD", "latent_channels": 4})
     q = vae_quality(load_vae(final, dev), dev)
@@ -411,7 +460,7 @@ def stage_decoder(a, dev, work: str) -> dict:
            "loss": "L1 + MSE + 0.5 gradient-L1" + (f" + {a.dec_adv} x hinge GAN (PatchDiscriminator, from step "
                                                     f"{a.dec_adv_start})" if a.dec_adv > 0 else ""),
            "augment": "as the vae stage", "bf16_autocast": a.bf16,
-           "wall_s": round(wall, 1), "img_per_s": round(total * a.dec_batch / wall, 2), **q,
+           "wall_s": round(wall, 1), "img_per_s": round(total * a.dec_batch / wall, 2), **q, **budget.record(),
            "finished": datetime.datetime.now().isoformat(timespec="seconds")}
     _write_json(rec, rec_path)
     _log(f"decoder done in {wall / 60:.1f} min: {q}")
@@ -526,14 +575,28 @@ def stage_unet(a, dev, work: str) -> dict:
             e.copy_(v)
         g.set_state(st["gen"])
         step, wall0, losses = st["step"], st["wall"], st["losses"].tolist()
+        total = int(st.get("total", total))
         _log(f"unet: resumed at step {step}/{total}")
+    budget = StepBudget(a.unet_minutes, total, step, fixed=os.path.exists(ckpt), until=a.unet_until)
+    snapshots = {}
     ac = alphas_cumprod().to(dev)
     z, ctx_all = z.to(dev), ctx_all.to(dev)
     t0 = time.time()
 
     def save_ckpt():
         _torch_save({"model": unet.state_dict(), "opt": opt.state_dict(), "ema": ema, "gen": g.get_state(),
-                     "step": step, "wall": wall0 + time.time() - t0, "losses": torch.tensor(losses)}, ckpt)
+                     "step": step, "total": total, "wall": wall0 + time.time() - t0, "losses": torch.tensor(losses)},
+                    ckpt)
+
+    def save_ema_snapshot():
+        """The EMA weights now, as a factor file beside the final one (``--ema-snapshots``)."""
+        sd = dict(unet.state_dict())
+        sd.update({n: e for (n, _), e in zip(unet.named_parameters(), ema)})
+        path = os.path.join(work, f"unet_factors_fp16_step{step}.safetensors")
+        _save(_fp16(sd), path, {"format": "miniworld factorised comfy UNetModel (miniworld/factor.py)",
+                                "step": step, "of": total})
+        snapshots[step] = os.path.basename(path)
+        _log(f"EMA snapshot at step {step}/{total} -> {path}")
 
     while step < total:
         lr = a.unet_lr * cosine_lr(step, cycle_end(step, a.unet_cycles, total), 200, floor=0.1)
@@ -559,7 +622,10 @@ def stage_unet(a, dev, work: str) -> dict:
             torch._foreach_mul_(ema, d)
             torch._foreach_add_(ema, [p.detach().float() for p in params], alpha=1 - d)
         step += 1
+        total = budget.total(step)
         losses.append(loss.item())
+        if budget.fixed and any(step == int(f * total) for f in a.ema_snapshots) and step < total:
+            save_ema_snapshot()
         if step % 50 == 0 or step == total:
             el = wall0 + time.time() - t0
             rate = (step * batch) / el
@@ -586,6 +652,8 @@ def stage_unet(a, dev, work: str) -> dict:
            "loss_first200": float(np.mean(losses[:200])), "loss_last200": float(np.mean(losses[-200:])),
            "loss_curve_every_250": [round(float(np.mean(losses[i:i + 250])), 4) for i in range(0, len(losses), 250)],
            "params": sum(p.numel() for p in params), "contexts_file": os.path.basename(ctx_path),
+           **budget.record(), **({"ema_snapshots": snapshots} if snapshots else {}),
+           "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
            "finished": datetime.datetime.now().isoformat(timespec="seconds")}
     _write_json(rec, rec_path)
     _log(f"unet done in {wall / 60:.1f} min")
@@ -666,6 +734,15 @@ def main(argv=None) -> None:
     p.add_argument("--unet-lr", type=float, default=config.UNET_LR)
     p.add_argument("--unet-cycles", type=int, nargs="*", default=list(config.UNET_CYCLES),
                    help="ends of earlier cosine cycles (warm restarts), e.g. 2000 3000")
+    p.add_argument("--unet-minutes", type=float, default=0,
+                   help="fix --unet-steps from the measured speed of steps 20-120 so the unet stage trains for "
+                        "about this many minutes (a GPU lent for a fixed time); 0: use --unet-steps")
+    p.add_argument("--dec-minutes", type=float, default=0, help="the same for the decoder stage's --dec-steps")
+    p.add_argument("--unet-until", type=float, default=0,
+                   help="like --unet-minutes, but end the unet loop by this wall-clock time (epoch seconds)")
+    p.add_argument("--dec-until", type=float, default=0, help="the same for the decoder stage")
+    p.add_argument("--ema-snapshots", type=float, nargs="*", default=[],
+                   help="fractions of the unet steps at which to save the EMA weights too, e.g. 0.5")
     p.add_argument("--ema", type=float, default=config.EMA_DECAY)
     p.add_argument("--ckpt-every", type=int, default=200, help="checkpoint every N steps (and on SIGTERM/SIGINT)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's default)")
@@ -696,7 +773,7 @@ def main(argv=None) -> None:
     elif a.stage == "all":
         args = [sys.executable, "-m", "miniworld.train", "--stage", "decoder", "--work", work,
                 "--threads", str(a.dec_threads), "--dec-steps", str(a.dec_steps), "--dec-batch", str(a.dec_batch),
-                "--dec-lr", str(a.dec_lr), "--dec-adv", str(a.dec_adv), "--dec-adv-start", str(a.dec_adv_start),
+                "--dec-lr", str(a.dec_lr), "--dec-adv", str(a.dec_adv), "--dec-adv-start", str(a.dec_adv_start), "--dec-minutes", str(a.dec_minutes), "--dec-until", str(a.dec_until),
                 "--ckpt-every", str(a.ckpt_every)] + ([] if a.bf16 else ["--no-bf16"])
         log = open(os.path.join(work, "decoder.log"), "a")
         child = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=os.path.dirname(config.HERE))

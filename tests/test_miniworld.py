@@ -144,3 +144,40 @@ def test_ksampler_draws_recognisable_captions(comfy, mw, reference):
     assert np.median(rank_sks) <= MAX_SKS_MEDIAN_RANK * len(refs), (names[:N_SKS], rank_sks)
     assert len(set(nn_dom.tolist())) >= N_DOMAIN // 2
     assert domain.std(axis=0).mean() > 0.1  # the samples differ pixel-wise
+
+
+def test_step_budget_fixes_the_total_from_measured_speed(monkeypatch):
+    """`--unet-minutes` / `--unet-until` (a GPU lent for a fixed time): the total is fixed once, from
+    the speed of steps 20..120 of this process, never below the steps done; a resumed run keeps its
+    stored total; 0 minutes leaves the given total."""
+    from comfyui_domainstudio.miniworld import train
+
+    clock = {"t": 1000.0}
+    monkeypatch.setattr(train.time, "time", lambda: clock["t"])
+
+    def run(budget, start=0, s_per_step=0.5, steps=200):
+        seen = []
+        for step in range(start + 1, start + steps + 1):
+            clock["t"] += s_per_step
+            seen.append(budget.total(step))
+        return seen
+
+    b = train.StepBudget(minutes=2, total=4200)
+    seen = run(b)
+    assert seen[:119] == [4200] * 119          # unchanged until step 120
+    assert seen[119:] == [240] * 81            # 2 min / 0.5 s per step
+    assert b.record() == {"minutes_budget": 2.0, "s_per_step_measured": 0.5}
+
+    b = train.StepBudget(minutes=0.5, total=4200)   # 60 steps fit, but 120 are already done
+    assert run(b)[-1] == 121
+
+    clock["t"] = 1000.0
+    b = train.StepBudget(minutes=0, total=4200, until=1000.0 + 200)   # a deadline 200 s away
+    seen = run(b)
+    assert seen[-1] == 120 + int((200 - 120 * 0.5) / 0.5)            # what fits in the 140 s left
+    assert b.record()["minutes_budget"] == pytest.approx((seen[-1]) * 0.5 / 60, abs=0.01)
+
+    b = train.StepBudget(minutes=2, total=777, start_step=500, fixed=True)  # resumed: its stored total
+    assert set(run(b, start=500)) == {777} and b.record() == {}
+    b = train.StepBudget(minutes=0, total=300)
+    assert set(run(b)) == {300} and b.record() == {}

@@ -322,7 +322,7 @@ class Recipe:
     def settings(self, steps: int | None = None, seed: int = 0, **extra_options):
         """(method config, RunOptions) for a run; steps None = the method's default."""
         from comfyui_domainstudio.trainer import settings
-        from comfyui_domainstudio.trainer.run import RunOptions, resolve_config
+        from comfyui_domainstudio.trainer.run import RunOptions, default_options, resolve_config
 
         values = dict(self.config)
         if self.method in ("domainstudio", "finetune"):
@@ -332,8 +332,8 @@ class Recipe:
         if steps is not None:
             values["steps"] = int(steps)
         cfg = resolve_config(self.method, values)
-        opts = settings.replace(RunOptions(), **{"train_seed": int(seed), "preview_every": 0, **self.options,
-                                                 **extra_options})
+        base = default_options(self.method) if self.method else RunOptions()
+        opts = settings.replace(base, **{"train_seed": int(seed), "preview_every": 0, **self.options, **extra_options})
         return cfg, opts
 
 

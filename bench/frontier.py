@@ -64,8 +64,9 @@ STYLES = ("twitter", "openmoji")
 SEEDS = (0, 1, 2)
 CHECKPOINTS = (100, 200, 400)
 
-# name -> (family, Recipe). LoRA runs use the pack's RunOptions defaults (lora_attn, rank 8, alpha 8):
-# the evidence then applies to the defaults a user gets.
+# name -> (family, Recipe). LoRA runs use the pack's rank 8, alpha 8; a setting without an "_all" in
+# its name trains attention only (lora_attn, the default until 2026-12-04, pinned below so the names
+# keep their meaning), one with "_all" every layer (lora_all, the domain methods' default since).
 _OFF = dq.LAMBDAS_OFF
 
 
@@ -94,7 +95,7 @@ GRID: dict[str, tuple[str, "dq.Recipe"]] = {
     "ds_paper_lr3e-3": ("domainstudio", _ds(1e2, 3e-3)),
     # the stable regime: at lr 1e-3 every run's denoising loss ends 7-9x above its start
     "ds_l10_lr3e-4": ("domainstudio", _ds(10.0, 3e-4, hfmse=0.01)),
-    "ds_l1_lr3e-4": ("domainstudio", _ds(1.0, 3e-4, hfmse=0.001)),    # the paper's lambdas / 100: the default
+    "ds_l1_lr3e-4": ("domainstudio", _ds(1.0, 3e-4, hfmse=0.001)),    # the paper's lambdas / 100: the default until 2026-12-04
     "db_prior_lr3e-4": ("dreambooth_prior", dq.Recipe("domainstudio", {**dq.RECIPES["dreambooth_prior"].config,
                                                                        "learning_rate": 3e-4})),
     "ft_lr1e-4": ("finetune", dq.Recipe("finetune", {"learning_rate": 1e-4})),
@@ -106,8 +107,30 @@ GRID: dict[str, tuple[str, "dq.Recipe"]] = {
     "ds_l10_all_lr3e-4": ("domainstudio", dq.Recipe("domainstudio", _ds(10.0, 3e-4, hfmse=0.01).config,
                                                     {"train_mode": "lora_all"})),
     "ds_l1_all_lr3e-4": ("domainstudio", dq.Recipe("domainstudio", _ds(1.0, 3e-4, hfmse=0.001).config,
-                                                   {"train_mode": "lora_all"})),   # the default lambdas
+                                                   {"train_mode": "lora_all"})),
+    # on the GPU-trained miniworld (2026-12-04): every-layer LoRA at a higher lr, and DreamBooth with
+    # prior on every layer (the third family at the candidate default)
+    "ft_all_lr6e-4": ("finetune", dq.Recipe("finetune", {"learning_rate": 6e-4}, {"train_mode": "lora_all"})),
+    "ds_l1_all_lr6e-4": ("domainstudio", dq.Recipe("domainstudio", _ds(1.0, 6e-4, hfmse=0.001).config,
+                                                   {"train_mode": "lora_all"})),
+    "ds_paper_all_lr3e-4": ("domainstudio", dq.Recipe("domainstudio", _ds(1e2, 3e-4).config,
+                                                      {"train_mode": "lora_all"})),   # the default since 2026-12-04
+    # no identifier: the shots as "an emoji of <name>" for both models (the miniworld was trained to
+    # ignore any word in the "a <w> emoji of" slot, so "sks" starts unbound and hard to bind; a domain
+    # method may as well move the model's own emoji). Sampled as every setting, "a sks emoji of <name>".
+    "ft_all_noid_lr3e-4": ("finetune", dq.Recipe("finetune", {"learning_rate": 3e-4,
+                                                              "target_prompt": dq.SOURCE_PROMPT},
+                                                 {"train_mode": "lora_all"})),
+    "ds_l1_all_noid_lr3e-4": ("domainstudio", dq.Recipe("domainstudio", {**_ds(1.0, 3e-4, hfmse=0.001).config,
+                                                                         "target_prompt": dq.SOURCE_PROMPT},
+                                                        {"train_mode": "lora_all"})),
+    "db_prior_all_lr3e-4": ("dreambooth_prior", dq.Recipe("domainstudio", {**dq.RECIPES["dreambooth_prior"].config,
+                                                                           "learning_rate": 3e-4},
+                                                          {"train_mode": "lora_all"})),
 }
+for _family, _recipe in GRID.values():
+    _recipe.options.setdefault("train_mode", "lora_attn")
+
 # The default sweep, the stable regime the defaults were chosen from (5 settings x 2 styles x 3 seeds
 # to 400 steps: ~30 runs of 1.5-2.5 min on one idle core, ~1.2 h); the others are extras run on fewer
 # seeds or checkpoints (--settings ... --seeds 0 --checkpoints 100 200 400 800 1600).
@@ -459,6 +482,8 @@ def main(argv=None) -> int:
     ap.add_argument("--png", default=None, help="the picture (default: --out with .png, so a part run with its own "
                                                 "--out never overwrites bench/results/frontier.png)")
     ap.add_argument("--plot-only", action="store_true", help="redraw the table and the picture from --out")
+    ap.add_argument("--plot-settings", nargs="+", default=[], metavar="SETTING",
+                    help="draw only these settings (and the base) in the picture; the table and JSON keep all")
     ap.add_argument("--max-runs", type=int, default=0, help="stop after this many new runs (0: all)")
     ap.add_argument("--paired", nargs=2, action="append", default=[], metavar=("A", "B"),
                     help="also compare setting B with setting A seed by seed, at the same step and at equal style "
@@ -563,8 +588,9 @@ def finish(result: dict, args) -> int:
     result["compare"] = cmp_
     result["style_keys"] = {style: style_key(pts, style) for style in cmp_}
     save(result, args.out)
-    if pts:
-        plot(pts, args.png)
+    shown = [p for p in pts if not args.plot_settings or p["setting"] in ("base", *args.plot_settings)]
+    if shown:
+        plot(shown, args.png)
         print(f"wrote {args.out} and {args.png}")
     return 0
 

@@ -85,8 +85,13 @@ def build_parser() -> argparse.ArgumentParser:
                 n for n, m in METHODS.items() if m.node == "subject"} else "settings of several methods"))
         group = shared.setdefault(group_name, ap.add_argument_group(group_name))
         defaults = sorted({repr(sp.default) for _, sp in owners})
+        if owner == "*":  # a run option some methods start from a value of their own
+            own = {n: m.option_defaults[s.name] for n, m in METHODS.items() if s.name in m.option_defaults}
+            if own:
+                by_value = {v: sorted(n for n in own if own[n] == v) for v in own.values()}
+                defaults = [f"{v!r} for {', '.join(ns)}" for v, ns in by_value.items()] + [f"{defaults[0]} otherwise"]
         used_by = "" if owner == "*" else f" [{', '.join(methods)}]"
-        kw = dict(default=None, dest=s.name, help=f"{s.help}{used_by} (default: {', '.join(defaults)})")
+        kw = dict(default=None, dest=s.name, help=f"{s.help}{used_by} (default: {'; '.join(defaults)})")
         if s.kind == "choice":
             kw["choices"] = list(s.choices)
         else:
@@ -174,7 +179,7 @@ def main(argv=None) -> int:
     m = METHODS[args.method]
     try:
         cfg = core.resolve_config(m, method_values)
-        opts = settings.replace(RunOptions(), **option_values)
+        opts = core.default_options(m, **option_values)
         settings.check(cfg)
         settings.check(opts)
     except (TrainingError, ValueError) as e:

@@ -177,7 +177,7 @@ def train(node: str, method: str, values: dict, *, model, clip, vae, image_set, 
     option_values = {k: v for k, v in values.items() if k in {s.name for s in core.settings.specs(core.RunOptions)}}
     try:
         cfg = core.resolve_config(m, method_values)
-        opts = core.settings.replace(core.RunOptions(), **option_values)
+        opts = core.default_options(m, **option_values)
         saver = files.Saver(folders(), save_name, host="comfy", images=len(images_set),
                             resolution=images_set.resolution)
     except (TrainingError, ValueError) as e:

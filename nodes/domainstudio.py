@@ -28,7 +28,7 @@ class DomainStudioTrainer(io.ComfyNode):
                                tooltip="domainstudio: keeps the source model's diversity (relative-distance terms); "
                                "finetune: plain fine-tuning, the baseline it is compared against."),
                 *schema.inputs_for(DomainStudioConfig, FinetuneConfig),
-                *schema.trainer_tail("domainstudio", "File name stem in models/loras (numbered, never overwritten). "
+                *schema.trainer_tail("domain", "domainstudio", "File name stem in models/loras (numbered, never overwritten). "
                                      "Empty = don't save.",
                                      "Continue a delta this pack saved (e.g. a _partial_ or _step file; its .dsstate "
                                      "sidecar restores the optimizer) up to `steps`. Same method and base model."),

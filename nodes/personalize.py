@@ -30,7 +30,7 @@ class PersonalizeTrainer(io.ComfyNode):
                                tooltip="rare_token: token then UNet (no prior). textual_inversion: token only. "
                                "dreambooth: UNet with prior preservation on class images. dreambooth_no_prior."),
                 *schema.inputs_for(PersonalizeConfig),
-                *schema.trainer_tail("subject", "UNet delta file stem in models/loras (numbered, never overwritten); "
+                *schema.trainer_tail("subject", "subject", "UNet delta file stem in models/loras (numbered, never overwritten); "
                                      "the embedding is saved as models/embeddings/<new_token>.safetensors. Empty = "
                                      "don't save.",
                                      "Continue a run this pack saved: pick its _partial_ or _step file (the .dsstate "

@@ -27,14 +27,19 @@ def spec_input(s: settings.Spec, optional: bool = False):
     return io.String.Input(s.name, default=s.default, multiline=s.kind == "text", **common)
 
 
-def inputs_for(*config_classes, exclude=()) -> list:
+def inputs_for(*config_classes, exclude=(), defaults: dict | None = None) -> list:
     """Inputs for the union of the settings of `config_classes` (first declaration of a name wins;
     names shared by several configs must agree, which the settings tests check). Essential inputs
-    first, then the advanced ones, each in declaration order."""
+    first, then the advanced ones, each in declaration order. `defaults` replaces declared defaults
+    (a node's methods' option_defaults)."""
+    import dataclasses
+
     seen: dict[str, settings.Spec] = {}
     for cls in config_classes:
         for s in settings.specs(cls):
             if s.node and s.name not in exclude and s.name not in seen:
+                if defaults and s.name in defaults:
+                    s = dataclasses.replace(s, default=defaults[s.name])
                 seen[s.name] = s
     ordered = [s for s in seen.values() if not s.advanced] + [s for s in seen.values() if s.advanced]
     return [spec_input(s) for s in ordered]
@@ -49,9 +54,11 @@ def split_values(kwargs: dict, *config_classes) -> list[dict]:
     return out
 
 
-def trainer_tail(save_name: str, save_tooltip: str, resume_tooltip: str) -> list:
+def trainer_tail(node: str, save_name: str, save_tooltip: str, resume_tooltip: str) -> list:
     """The inputs every trainer node ends with: the file name, the IMAGE-input resolution, the run
-    options, the optional CLIP vision model of the quality report, and resume_from."""
+    options (at the defaults of the methods `node` offers), the optional CLIP vision model of the
+    quality report, and resume_from."""
+    from ..trainer.methods import node_option_defaults
     from ..trainer.run import RunOptions
     from . import common
 
@@ -60,7 +67,7 @@ def trainer_tail(save_name: str, save_tooltip: str, resume_tooltip: str) -> list
         io.Int.Input("resolution", default=512, min=64, max=4096, step=8,
                      tooltip="Used only for a plain IMAGE input; an image set keeps its own.",
                      **compat.input_options(True)),
-        *inputs_for(RunOptions),
+        *inputs_for(RunOptions, defaults=node_option_defaults(node)),
         io.ClipVision.Input("clip_vision", optional=True,
                             tooltip="Optional: a CLIP vision model (stock Load CLIP Vision) gives the quality report "
                             "its feature space; without it the report uses VAE latents.",

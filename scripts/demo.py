@@ -1,7 +1,7 @@
 """The main job (README): adapt the miniature emoji SD (miniworld/, trained here on Google's Noto
 emoji) to 10 shots of another emoji style on the CPU, with DomainStudio and with plain fine-tuning,
 first with each method's default settings (what a first run with only images and prompts gets), then
-DomainStudio with the paper's weights and fine-tuning trained twice as long, and show them next to the
+DomainStudio with a hundredth of the paper's weights and fine-tuning trained twice as long, and show them next to the
 untouched base model on the same seeds.
 
     bash scripts/demo.sh                      # set-up + this script; results in demo_output/
@@ -12,7 +12,7 @@ source model sees "an emoji of <name>"). Then every model draws "a sks emoji of 
 emoji from the same noise. It writes to --out (demo_output/):
   samples.png   labelled rows: the shots; the real target-style and Noto renderings of 12 of the 24
                 emoji; then base / fine-tune / DomainStudio at the defaults / DomainStudio with the
-                paper's lambdas / fine-tune for twice the default steps (column i
+                lambdas / 100 / fine-tune for twice the default steps (column i
                 of every model row starts from the same noise and names the same emoji)
   metrics.json  style score, diversity, distance to the shots, content distance and KID per model
                 (bench/domain_quality.py's World: EfficientNet-Lite0 features), timings, settings
@@ -42,7 +42,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 runpy.run_path(os.path.join(REPO, "__init__.py"))  # the pack, as comfyui_domainstudio
 
 N_SHOWN = 12  # evaluation emoji shown in the grid (all 24 are scored)
-PAPER_LAMBDAS = {"lambda_img": 100.0, "lambda_hf": 100.0, "lambda_hfmse": 0.1}  # DomainStudio's paper
+LIGHT_LAMBDAS = {"lambda_img": 1.0, "lambda_hf": 1.0, "lambda_hfmse": 0.001}  # the paper's / 100 (default until 2026-12-04)
 
 
 def _package():
@@ -145,12 +145,12 @@ def run_demo(args) -> int:
     world = dq.World(args.style, extract, log=log, roundtrip=bench.roundtrip)
     os.makedirs(args.out, exist_ok=True)
     # The defaults (bench/frontier.py chose them: the style moves, diversity stays), then the two
-    # ways they were chosen against: DomainStudio with the paper's weights (holds the style still on
-    # LoRA) and fine-tuning trained twice as long (the style moves further, diversity collapses).
+    # ways they were chosen against: DomainStudio with a hundredth of the paper's weights (the style
+    # moves as far, diversity drops) and fine-tuning trained twice as long (no further, less diverse).
     recipes = {"base": (dq.RECIPES["base"], 1), "fine-tune": (dq.RECIPES["finetune"], 1),
                "DomainStudio": (dq.RECIPES["domainstudio"], 1),
-               "DomainStudio, paper's lambdas": (dq.Recipe("domainstudio", PAPER_LAMBDAS,
-                                                           note="lambda_img = lambda_hf = 100, lambda_hfmse = 0.1"), 1),
+               "DomainStudio, lambdas / 100": (dq.Recipe("domainstudio", LIGHT_LAMBDAS,
+                                                         note="lambda_img = lambda_hf = 1, lambda_hfmse = 0.001"), 1),
                "fine-tune, 2x steps": (dq.RECIPES["finetune"], 2)}
     models, info = {}, {}
     for label, (recipe, times) in recipes.items():
@@ -221,15 +221,14 @@ def table_md(rows: dict) -> str:
 # runs used the previous, CPU-trained miniworld weights; the shipped (GPU-trained) model has not been
 # swept yet, and on the demo's seed it moves less (README, "The miniature world").
 EXPECT = {
-    "twitter": "on the previous, CPU-trained miniature, over 3 seeds (`bench/frontier.py`),\n"
-               "  both moved the style in VAE space from about 0.30 to 0.52-0.54 while the samples stayed as varied\n"
-               "  as *base*. The shipped miniature was retrained on a GPU and holds its Noto style more firmly: on\n"
-               "  the demo's seed the defaults move it only a few hundredths (0.31 to 0.33-0.35), seen as a flatter,\n"
-               "  more orange fill in some columns; the frontier has not been re-run on it, so the defaults are not\n"
-               "  yet chosen for it.",
-    "openmoji": "on the previous, CPU-trained miniature, over 3 seeds (`bench/frontier.py`), both moved the\n"
-                "  style in VAE space from about 0.10 to 0.30 (a quarter of the way) and the samples got less varied;\n"
-                "  the shipped, GPU-trained miniature has not been swept yet.",
+    "twitter": "over 3 seeds (`bench/frontier.py`, README \"Defaults\"), fine-tuning moves the style in\n"
+               "  VAE space from about 0.35 to 0.46 and DomainStudio to 0.41 (of round-tripped Twemoji's 0.77), seen\n"
+               "  as warmer, more saturated fills with harder edges, not yet Twemoji's flat look; DomainStudio keeps\n"
+               "  the base's diversity (0.47 vs 0.46) and nearly its KID to Twemoji (0.11 vs 0.10) where fine-tuning\n"
+               "  loses diversity (0.39) and drifts (KID 0.15).",
+    "openmoji": "over 3 seeds (`bench/frontier.py`), fine-tuning moves the style in VAE space from about\n"
+                "  0.10 to 0.33 and DomainStudio at the default (the paper's) lambdas to 0.28 with a lower KID to\n"
+                "  OpenMoji (0.18 vs 0.22); lambdas of 1 move it as far as fine-tuning.",
 }
 
 
@@ -248,7 +247,7 @@ The miniature SD (`miniworld/`, trained here on Google's Noto emoji) was adapted
 shots in the first row of `samples.png`, each captioned with its emoji's name
 ("{m['target_prompt']}"; the frozen source model reads "{m['source_prompt']}"), once with **plain
 fine-tuning** and with **DomainStudio**, first at each method's default settings, then DomainStudio
-with the paper's weights and fine-tuning for twice the steps ({steps}; seed {m['seed']}). Every model then drew "a sks emoji of <name>" for 24 emoji that are not shots,
+with a hundredth of the paper's weights and fine-tuning for twice the steps ({steps}; seed {m['seed']}). Every model then drew "a sks emoji of <name>" for 24 emoji that are not shots,
 from the same noise: in `samples.png` column *i* of every model row names the same emoji and starts
 from the same noise, so differences between rows are the adaptation.
 
@@ -256,10 +255,11 @@ from the same noise, so differences between rows are the adaptation.
 - rows 2-3 are the real {title} and Noto renderings of the emoji the columns name: the target is
   "row 2's look with row 3's content".
 - *base*: the source style (Noto-like: glossy, shaded), drawn as well as this miniature can.
-- *fine-tune* and *DomainStudio* at the defaults ({ds.get('steps')} steps, lr {ds.get('learning_rate')};
+- *fine-tune* and *DomainStudio* at the defaults ({ds.get('steps')} steps, lr {ds.get('learning_rate')},
+  {tr.get('DomainStudio', {}).get('options', {}).get('train_mode')} LoRA;
   DomainStudio's lambdas {ds.get('lambda_img')} / {ds.get('lambda_hf')} / {ds.get('lambda_hfmse')}): {EXPECT.get(m['style'], EXPECT['twitter'])}
-- *DomainStudio, paper's lambdas* (100 / 100 / 0.1): the relative-distance terms hold a LoRA at the
-  source style; expect a row close to *base*.
+- *DomainStudio, lambdas / 100* (1 / 1 / 0.001, the default until 2026-12-04): the relative-distance
+  terms pull a hundredth as hard; the style moves about as far, and the samples lose more variety.
 - *fine-tune, 2x steps*: more training moves the style further; watch the distance to the shots and
   the content distance (a heart or a WC sign where a penguin was asked for is copying, the failure
   DomainStudio's paper addresses). README, "Defaults", has the same comparison over seeds.

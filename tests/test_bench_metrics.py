@@ -107,7 +107,14 @@ def test_recipes_resolve_onto_the_registered_methods():
     assert full.train_mode.startswith("full")
     for name, (family, r) in fr.GRID.items():
         assert family in fr.FAMILIES and r.method in METHODS, name
-        settings.check(r.settings(steps=10)[0])
+        cfg, opts = r.settings(steps=10)
+        settings.check(cfg)
+        # a setting's name says what it trains, whatever the pack's default is now
+        want = "lora_all" if "_all" in name else "full_attn" if name.startswith("ftfull") else "lora_attn"
+        assert opts.train_mode == want, (name, opts.train_mode)
+    # the recipes without options train what a user gets: the methods' own defaults
+    assert dq.RECIPES["domainstudio"].settings()[1].train_mode == "lora_all"
+    assert dq.RECIPES["finetune"].settings()[1].train_mode == "lora_all"
 
 
 def test_frontier_points_compare_and_plot(tmp_path):
@@ -143,6 +150,10 @@ def test_frontier_points_compare_and_plot(tmp_path):
     out.write_text(json.dumps(result))
     assert fr.main(["--plot-only", "--out", str(out), "--png", str(png)]) == 0
     assert "compare" in json.loads(out.read_text())
+    assert fr.main(["--plot-only", "--out", str(out), "--png", str(png), "--plot-settings", "ft"]) == 0
+    img = np.asarray(Image.open(png).convert("RGB"))
+    assert (np.abs(img.astype(int) - red).sum(-1) < 30).sum() == 0  # DomainStudio left out of the picture
+    assert {p["setting"] for p in json.loads(out.read_text())["points"]} == {"ft", "ds", "base"}  # not the table
 
 
 def test_merge_results_overrides_drops_and_refuses_other_settings(tmp_path):

@@ -138,3 +138,30 @@ def test_setting_infers_kinds_and_refuses_unknown_ones():
     assert [s.kind for s in settings.specs(C)] == ["int", "float", "bool", "choice", "str", "text"]
     with pytest.raises(ValueError, match="unknown setting kind"):
         setting(1, "x", kind="number")
+
+
+def test_method_option_defaults_are_valid_and_agree_on_each_node():
+    from comfyui_domainstudio.trainer.methods import node_option_defaults
+    from comfyui_domainstudio.trainer.run import default_options
+
+    for name, m in METHODS.items():
+        opts = default_options(m)  # an unknown name or a bad value is refused here
+        settings.check(opts)
+        assert all(getattr(opts, k) == v for k, v in m.option_defaults.items()), name
+        assert default_options(m, train_seed=7).train_seed == 7
+    for node in ("domain", "subject"):
+        shown = node_option_defaults(node)  # raises when the node's methods disagree
+        for name in for_node(node):
+            assert default_options(name).train_mode == shown.get("train_mode", RunOptions().train_mode)
+    # the frontier's evidence on the GPU-trained miniworld (README, Defaults): every-layer LoRA for
+    # the domain methods; the subject methods keep attention-only
+    assert default_options("domainstudio").train_mode == default_options("finetune").train_mode == "lora_all"
+    assert {default_options(n).train_mode for n in for_node("subject")} == {"lora_attn"}
+
+
+def test_disagreeing_option_defaults_on_one_node_are_refused(monkeypatch):
+    from comfyui_domainstudio.trainer import methods
+
+    monkeypatch.setattr(METHODS["finetune"], "option_defaults", {"train_mode": "full_attn"})
+    with pytest.raises(ValueError, match="domain node's methods disagree on the default of train_mode"):
+        methods.node_option_defaults("domain")

@@ -151,6 +151,12 @@ class Outcome:
         return sum(s.steps_done for s in self.stages)
 
 
+def default_options(method: str | Method, **values) -> RunOptions:
+    """RunOptions at `method`'s defaults (its option_defaults over RunOptions' own), then `values`."""
+    m = get(method) if isinstance(method, str) else method
+    return settings.replace(RunOptions(), **{**m.option_defaults, **values})
+
+
 def resolve_config(method: str | Method, values: dict | None = None):
     """The method's settings dataclass from a dict of values (unknown names refused)."""
     m = get(method) if isinstance(method, str) else method
@@ -177,7 +183,7 @@ def run(host: Host, method: str | Method, cfg, images, options: RunOptions | Non
 def _run(host, method, cfg, images, options, *, saver, resume, on_progress, image_features=None,
          feature_space="") -> Outcome:
     m = get(method) if isinstance(method, str) else method
-    opts = options or RunOptions()
+    opts = options or default_options(m)
     tensor = images if isinstance(images, torch.Tensor) else images.images
     captions = list(getattr(images, "captions", None) or [None] * int(tensor.shape[0]))
     n = int(tensor.shape[0])

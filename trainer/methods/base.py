@@ -69,6 +69,9 @@ class Method:
     min_images: ClassVar[int] = 1
     uses_token: ClassVar[bool] = False
     trains_unet: ClassVar[bool] = True
+    # RunOptions values this method starts from instead of RunOptions' own (trainer/run.py
+    # default_options); the methods one node offers must agree (the node shows one default).
+    option_defaults: ClassVar[dict] = {}
 
     def validate(self, cfg, n_images: int) -> list[str]:
         """Check the settings against the image count; raise SettingError/TrainingError naming the

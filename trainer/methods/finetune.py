@@ -29,6 +29,7 @@ class Finetune(Method):
     node = "domain"
     config = FinetuneConfig
     min_images = 1
+    option_defaults = {"train_mode": "lora_all"}  # as DomainStudio's (the same node; README, Defaults)
 
     def validate(self, cfg: FinetuneConfig, n_images: int) -> list[str]:
         super().validate(cfg, n_images)

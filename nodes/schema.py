@@ -3,6 +3,8 @@ defaults, ranges, choices and tooltips are the method config's own (tests/test_s
 
 from __future__ import annotations
 
+import dataclasses
+
 from comfy_api.v0_0_2 import io
 
 from ..trainer import settings
@@ -32,8 +34,6 @@ def inputs_for(*config_classes, exclude=(), defaults: dict | None = None) -> lis
     names shared by several configs must agree, which the settings tests check). Essential inputs
     first, then the advanced ones, each in declaration order. `defaults` replaces declared defaults
     (a node's methods' option_defaults)."""
-    import dataclasses
-
     seen: dict[str, settings.Spec] = {}
     for cls in config_classes:
         for s in settings.specs(cls):

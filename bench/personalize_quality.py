@@ -94,11 +94,13 @@ def rms_distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def high_frequency(images: np.ndarray) -> float:
-    """Mean |x - box3x3(x)| over pixels and channels (edge-padded), images in 0..1."""
-    x = np.asarray(images, np.float32)
-    p = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="edge")
-    blur = sum(p[:, i:i + x.shape[1], j:j + x.shape[2]] for i in range(3) for j in range(3)) / 9.0
-    return float(np.abs(x - blur).mean())
+    """Mean |x - box3x3(x)| over pixels and channels (edge-padded), images in 0..1: the fine detail
+    the in-graph quality report measures (trainer/quality.py, fine_detail)."""
+    import torch
+
+    from comfyui_domainstudio.trainer.quality import fine_detail
+
+    return fine_detail(torch.from_numpy(np.asarray(images, np.float32)))
 
 
 def subject_images(google: np.ndarray, twitter: np.ndarray) -> np.ndarray:

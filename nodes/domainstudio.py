@@ -40,7 +40,8 @@ class DomainStudioTrainer(io.ComfyNode):
                 io.String.Output("saved_path", display_name="saved_path",
                                  tooltip="Saved files, one per line (or why saving failed)."),
                 io.String.Output("report", display_name="report",
-                                 tooltip="Quality report (quality_samples > 0): diversity, copying, class drift."),
+                                 tooltip="Quality report (quality_samples > 0): diversity, copying, class drift, and a warning "
+                                 "when the samples break into fragments (over-training)."),
                 io.Image.Output("report_image", display_name="report_image",
                                 tooltip="Training images, source and adapted samples on the same seeds."),
             ],

@@ -46,7 +46,8 @@ class PersonalizeTrainer(io.ComfyNode):
                 io.Image.Output("loss_plot", display_name="loss_plot"),
                 io.String.Output("saved", display_name="saved", tooltip="Saved file paths, one per line (or why saving failed)."),
                 io.String.Output("report", display_name="report",
-                                 tooltip="Quality report (quality_samples > 0): diversity, copying, class drift."),
+                                 tooltip="Quality report (quality_samples > 0): diversity, copying, class drift, and a warning "
+                                 "when the samples break into fragments (over-training)."),
                 io.Image.Output("report_image", display_name="report_image",
                                 tooltip="Training images, source and adapted samples on the same seeds."),
             ],

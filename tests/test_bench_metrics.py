@@ -330,3 +330,20 @@ def test_miniworld_quality_refuses_an_unknown_sampler_before_any_work(capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert "--domain-sampler-sweep eulr" in err and "euler_ancestral," in err  # names the bad one, lists the rest
+
+
+def test_damage_check_flags_with_the_report_rule_and_measures_excess_against_the_best_run():
+    from comfyui_domainstudio.trainer.quality import detail_warning
+
+    dc = _bench("damage_check")
+    rows = [{"method": "base", "si": 7, "seed": 0, "subject": "s", "hf": 0.010, "fidelity": 0.30},
+            {"method": "m", "variant": "hot", "si": 7, "seed": 0, "subject": "s", "hf": 0.020, "fidelity": 0.25},
+            {"method": "m", "variant": "cool", "si": 7, "seed": 0, "subject": "s", "hf": 0.011, "fidelity": 0.15},
+            {"method": "m", "variant": "hot", "si": 7, "seed": 1, "subject": "s", "hf": 0.020, "fidelity": 0.2}]
+    checked = dc.check_rows(rows, {7: 0.015}, lambda s, a, t: detail_warning(s, a, t, "lr", "steps"))
+    # the seed-1 run has no base row (no source detail): it is left out, not guessed
+    assert [(c["variant"], c["flagged"]) for c in checked] == [("hot", True), ("cool", False)]
+    assert checked[0]["ratio"] == pytest.approx(2.0) and checked[0]["excess"] == pytest.approx(0.10)
+    assert checked[1]["excess"] == 0.0
+    table = {t["variant"]: t for t in dc.summarize(checked)}
+    assert table["hot"]["flagged"] == 1 and table["cool"]["flagged"] == 0 and table["cool"]["runs"] == 1

@@ -199,4 +199,7 @@ def test_quality_report_measures_class_drift(comfy, sd15):
     m = re.search(r"class-prompt drift: (\d+\.\d+)", out["report"])
     assert m and float(m.group(1)) >= 0, out["report"]
     assert "quality report (2 samples per model" in out["report"]
+    m = re.search(r"fine detail \(pixels\): adapted (\d+\.\d+) vs source (\d+\.\d+), training images (\d+\.\d+)",
+                  out["report"])
+    assert m and all(0 < float(v) < 1 for v in m.groups()), out["report"]
     assert out["report_image"].shape[1] >= 4 * RES  # training, source, adapted, class after

@@ -416,6 +416,56 @@ def test_a_run_whose_denoising_loss_rises_says_so_naming_the_setting(host_cls, w
         assert rises[0].startswith("unet:") and "Lower unet_learning_rate" in rises[0]
 
 
+def test_fine_detail_hand_case():
+    from comfyui_domainstudio.trainer.quality import fine_detail
+
+    # one lit pixel in a 3x3 image: its edge-padded 3x3 box blur is 1/9 everywhere (every window
+    # holds the centre exactly once), so |x - blur| is 8/9 at the centre and 1/9 at the 8 others.
+    x = torch.zeros(1, 3, 3, 3)
+    x[0, 1, 1] = 1.0
+    assert fine_detail(x) == pytest.approx((8 / 9 + 8 / 9) / 9)
+    assert fine_detail(torch.full((2, 5, 4, 3), 0.3)) == pytest.approx(0.0, abs=1e-7)
+
+
+def test_detail_warning_needs_both_the_source_and_the_training_images_exceeded():
+    from comfyui_domainstudio.trainer.quality import DETAIL_WARN, detail_warning
+
+    w = detail_warning(0.010, 0.020, 0.015, "unet_learning_rate", "unet_steps")
+    assert w is not None and "2.0x the fine detail" in w and "lower unet_learning_rate" in w and "unet_steps" in w
+    assert detail_warning(0.010, DETAIL_WARN * 0.010 - 1e-4, 0.005, "lr", "steps") is None  # below the ratio
+    assert detail_warning(0.010, 0.020, 0.020, "lr", "steps") is None  # the training images are as detailed
+    assert detail_warning(0.010, 0.020, float("nan"), "lr", "steps") is not None  # no training images: ratio only
+    assert detail_warning(0.0, 0.020, 0.005, "lr", "steps") is None
+    assert detail_warning(float("nan"), 0.020, 0.005, "lr", "steps") is None
+
+
+class FragmentingToyHost(ToyHost):
+    """The adapted model's samples come out as a fine checkerboard (an over-trained model's
+    fragments, at their extreme); the source's stay as they are."""
+
+    def sample(self, prompt, seeds, *, adapter=None, **kw):
+        out = super().sample(prompt, seeds, adapter=adapter, **kw)
+        if adapter is None:
+            return out
+        yy, xx = torch.meshgrid(torch.arange(out.shape[-2]), torch.arange(out.shape[-1]), indexing="ij")
+        return (0.5 * ((yy + xx) % 2 * 2 - 1)).to(out).expand_as(out).clone()
+
+
+@pytest.mark.parametrize("host_cls, warned", [(FragmentingToyHost, True), (ToyHost, False)])
+def test_the_quality_report_flags_fragmented_samples_naming_the_settings(host_cls, warned):
+    out = train("dreambooth_no_prior", host=host_cls(), cfg=cfg_of("dreambooth_no_prior", unet_steps=3),
+                options=opts(quality_samples=3))
+    q = out.quality
+    assert q is not None and q.detail_source > 0 and q.detail_training > 0 and q.detail_adapted >= 0
+    assert "fine detail (pixels): adapted" in q.text()
+    assert set(q.as_dict()) >= {"detail_source", "detail_adapted", "detail_training"}
+    flags = [w for w in out.warnings if "fine detail" in w]
+    assert bool(flags) == warned, (q.as_dict(), out.warnings)
+    if warned:
+        assert "lower unet_learning_rate" in flags[0] and "unet_steps" in flags[0]
+        assert q.detail_adapted > 1.5 * q.detail_source
+
+
 def test_nan_in_stage_two_keeps_the_finished_embedding(tmp_path):
     with pytest.raises(TrainingError) as e:
         train("rare_token", tmp_path, host=NaNToyHost(nan_from=4 + 2))

@@ -8,7 +8,11 @@ same seeds, in a feature space available without any download.
 * copying: mean distance from each adapted sample to its nearest training image, next to the same
   for the source model's samples (lower than the source's = closer to copies of the shots);
 * drift (personalization): mean paired distance between the source and the adapted model's samples
-  of the plain class prompt ("a photo of dog") on the same seeds (language drift; 0 = unchanged).
+  of the plain class prompt ("a photo of dog") on the same seeds (language drift; 0 = unchanged);
+* fine detail: mean high-pass energy of the decoded samples (pixels, any feature space), the
+  signature of over-training: a model pushed too far draws the subject as coloured fragments or
+  noise shaped like it. Adapted samples with DETAIL_WARN x the source's detail on the same seeds
+  *and* more than the training images themselves have is flagged (see detail_warning).
 
 Feature spaces: a CLIP vision model the user connects (its image embeddings: semantic, the usual
 stand-in for perceptual similarity), else the VAE's latent space average-pooled to 8x8 (colour and
@@ -36,6 +40,9 @@ class QualityReport:
     copy_source: float
     copy_adapted: float
     drift: float | None = None
+    detail_source: float = float("nan")
+    detail_adapted: float = float("nan")
+    detail_training: float = float("nan")
     grid: torch.Tensor | None = None  # IMAGE [1, H, W, 3]
 
     @property
@@ -45,7 +52,9 @@ class QualityReport:
     def as_dict(self) -> dict:
         return {"space": self.space, "samples": self.samples, "diversity_source": self.diversity_source,
                 "diversity_adapted": self.diversity_adapted, "diversity_ratio": self.diversity_ratio,
-                "copy_source": self.copy_source, "copy_adapted": self.copy_adapted, "drift": self.drift}
+                "copy_source": self.copy_source, "copy_adapted": self.copy_adapted, "drift": self.drift,
+                "detail_source": self.detail_source, "detail_adapted": self.detail_adapted,
+                "detail_training": self.detail_training}
 
     def text(self) -> str:
         lines = [f"quality report ({self.samples} samples per model, {self.space} features):",
@@ -56,6 +65,8 @@ class QualityReport:
         if self.drift is not None:
             lines.append(f"  class-prompt drift: {self.drift:.3f} (0 = the class looks as before; large = the "
                          "class word was overwritten)")
+        lines.append(f"  fine detail (pixels): adapted {self.detail_adapted:.4f} vs source {self.detail_source:.4f}, "
+                     f"training images {self.detail_training:.4f} (far above both suggests over-training damage)")
         lines.append("  caveat: a few samples in a proxy feature space flag problems, they do not measure quality")
         return "\n".join(lines)
 
@@ -89,6 +100,35 @@ def rise_warning(stage_name: str, history: dict[str, list[float]], lr_setting: s
     return (f"{stage_name}: the denoising loss of the last {RISE_WINDOW} steps is {rise:.1f}x that of the first "
             f"{RISE_WINDOW}: the model is likely breaking down rather than adapting (what looks changed may be "
             f"damage). Lower {lr_setting} (e.g. by 3x) or the steps.")
+
+
+# The damage check on the samples. In the personalization runs on the miniature (bench/damage_check.py
+# over bench/results/personalize_sweep_lr_gpu.json and personalize_quality_gpu.json) the subjects
+# that came out as coloured fragments had 1.4-2.1x the source's fine detail on the same seeds; no
+# run at a UNet lr <= 3e-5 and no textual inversion passed 1.31x. 1.5 flags only lr-1e-4 runs there.
+DETAIL_WARN = 1.5
+
+
+def fine_detail(images: torch.Tensor) -> float:
+    """Mean |x - box3x3(x)| over pixels and channels (edge-padded) of IMAGE [N, H, W, C] in 0..1."""
+    x = images.float().movedim(-1, 1)
+    blur = F.avg_pool2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
+    return float((x - blur).abs().mean())
+
+
+def detail_warning(source: float, adapted: float, training: float, lr_setting: str, steps_setting: str) -> str | None:
+    """A warning when the adapted samples carry DETAIL_WARN x the source's fine detail and more than
+    the training images: sharper than both the model before and everything it was shown is damage,
+    not adaptation (a style that is really crisper than the source's raises the training images'
+    detail too)."""
+    if not (math.isfinite(source) and math.isfinite(adapted) and source > 0):
+        return None
+    if adapted < DETAIL_WARN * source or (math.isfinite(training) and adapted <= training):
+        return None
+    return (f"the adapted samples carry {adapted / source:.1f}x the fine detail of the source's on the same seeds "
+            f"({adapted:.4f} vs {source:.4f}; training images {training:.4f}): the subject or style is likely "
+            f"breaking into fragments or noise (over-training). Look at the report image; if so, lower "
+            f"{lr_setting} (e.g. 3x) or {steps_setting}.")
 
 
 def latent_features(latents: torch.Tensor) -> torch.Tensor:
@@ -127,9 +167,10 @@ def report(host, prompts, x0: torch.Tensor, *, samples: int, resolution: int, se
                             token=token)
         drift_pair = (before, after)
     src_img, ada_img = host.decode_images(src), host.decode_images(ada)
+    train_img = training_images if training_images is not None else host.decode_images(x0)
     if image_features is not None:
         feats = image_features
-        f_train = feats(training_images) if training_images is not None else feats(host.decode_images(x0))
+        f_train = feats(train_img)
         f_src, f_ada = feats(src_img), feats(ada_img)
         label = space or "image-encoder"
     else:
@@ -147,10 +188,10 @@ def report(host, prompts, x0: torch.Tensor, *, samples: int, resolution: int, se
         diversity_source=mean_pairwise(f_src), diversity_adapted=mean_pairwise(f_ada),
         copy_source=float(cosine_distances(f_src, f_train).min(dim=1).values.mean()),
         copy_adapted=float(cosine_distances(f_ada, f_train).min(dim=1).values.mean()),
-        drift=drift)
+        drift=drift, detail_source=fine_detail(src_img), detail_adapted=fine_detail(ada_img),
+        detail_training=fine_detail(train_img))
     from .grids import labelled_rows
 
-    train_img = training_images if training_images is not None else host.decode_images(x0)
     rows = [(train_img[:samples], "training"), (src_img, "source"), (ada_img, "adapted")]
     if drift_pair is not None:
         rows.append((host.decode_images(drift_pair[1]), "class, adapted"))

@@ -81,8 +81,8 @@ class RunOptions:
     on_cancel: str = setting("keep", "On Cancel: keep the last completed step as <save_name>_partial_<step>, or "
                              "discard it.", choices=CANCEL_CHOICES, advanced=True)
     quality_samples: int = setting(0, "After training, sample this many seeds from the source and the adapted model "
-                                   "and report diversity, copying and class drift (0 = off).", min=0, max=64,
-                                   advanced=True)
+                                   "and report diversity, copying, class drift and over-training damage (0 = off).",
+                                   min=0, max=64, advanced=True)
 
 
 @dataclass
@@ -365,6 +365,11 @@ def _run(host, method, cfg, images, options, *, saver, resume, on_progress, imag
                                          image_features=image_features, space=feature_space,
                                          training_images=tensor.detach().float())
         log.info("DomainStudio %s", out.quality.text())
+        last = next((s for s in reversed(stages) if s.trains == "unet"), stages[-1])
+        w = quality.detail_warning(out.quality.detail_source, out.quality.detail_adapted,
+                                   out.quality.detail_training, last.lr_setting, last.steps_setting)
+        if w:
+            out.warnings.append(w)
     out.exported = host.export(file_delta, token)
     return out
 

@@ -57,6 +57,7 @@ class Stage:
     decode: bool = False  # needs a differentiable VAE decode (pixel features)
     prompts: tuple[str, ...] = ()  # prompts encoded once for this stage (the rest are live)
     lr_setting: str = "learning_rate"  # the setting that holds learning_rate (named in warnings)
+    steps_setting: str = "steps"  # the setting that holds steps (named in warnings)
 
 
 class Method:

@@ -119,14 +119,14 @@ class _Personalize(Method):
     def token_stage(self, cfg: PersonalizeConfig) -> Stage:
         return Stage("token", "token", cfg.ti_steps, cfg.ti_learning_rate, 0,
                      lambda inputs: DenoisingObjective(inputs, inputs.prompts.templates, cfg.batch_size),
-                     lr_setting="ti_learning_rate")
+                     lr_setting="ti_learning_rate", steps_setting="ti_steps")
 
     def unet_stage(self, cfg: PersonalizeConfig, lambda_prior: float = 0.0) -> Stage:
         def objective(inputs):
             return DenoisingObjective(inputs, inputs.prompts.target[:1], cfg.batch_size, lambda_prior=lambda_prior,
                                       prior_prompt=inputs.prompts.class_prompt)
         return Stage("unet", "unet", cfg.unet_steps, cfg.unet_learning_rate, 1, objective,
-                     lr_setting="unet_learning_rate")
+                     lr_setting="unet_learning_rate", steps_setting="unet_steps")
 
 
 class RareToken(_Personalize):

@@ -73,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="ComfyUI tree used as a library (default: $COMFYUI_DIR)")
     io_.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="(default: auto)")
     io_.add_argument("--resolution", type=int, default=0, help="square training size; default: the model's native "
-                     "resolution")
+                     "resolution (the file's modelspec.resolution; 64 for the miniature model; else 512 SD1, "
+                     "768 SD2, 1024 SDXL)")
     io_.add_argument("--flip", action="store_true", help="add mirrored copies of the images")
 
     shared: dict[str, argparse._ArgumentGroup] = {}
@@ -207,7 +208,8 @@ def main(argv=None) -> int:
     t_load = time.perf_counter()
     host = hosts.load(args)
     print(f"loaded {host.describe} ({host.family}) in {time.perf_counter() - t_load:.1f} s", flush=True)
-    resolution = args.resolution or host.native_resolution() or 512
+    resolution = (args.resolution or hosts.checkpoint_resolution(args.checkpoint if args.host == "comfy" else "")
+                  or host.native_resolution() or 512)
     try:
         image_set = imageset.prepare_image_set(None, args.images, resolution, args.flip, min_images=m.min_images,
                                                roots=imageset.ANY_FOLDER)

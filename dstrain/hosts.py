@@ -7,6 +7,30 @@ import os
 import sys
 
 
+def checkpoint_resolution(path: str) -> int | None:
+    """The training size a checkpoint file declares: the ModelSpec key `modelspec.resolution`
+    ("1024x1024"), or the miniature emoji SD's own size (its `miniworld.key`); None otherwise.
+    Reads only a safetensors header (never unpickles)."""
+    if not path or not path.lower().endswith(".safetensors") or not os.path.isfile(path):
+        return None
+    try:
+        from safetensors import safe_open
+
+        with safe_open(path, "np") as f:
+            meta = f.metadata() or {}
+    except Exception:  # noqa: BLE001 - an unreadable header: the loader reports it
+        return None
+    spec = meta.get("modelspec.resolution", "")
+    w, _, h = spec.lower().partition("x")
+    if w.strip().isdigit() and (not h.strip() or h.strip() == w.strip()) and int(w) > 0:
+        return int(w)
+    if "miniworld.key" in meta:
+        from ..miniworld import config
+
+        return config.IMAGE_SIZE
+    return None
+
+
 def import_comfy(comfy_dir: str, device: str) -> None:
     if not comfy_dir or not os.path.isfile(os.path.join(comfy_dir, "comfy", "sd.py")):
         raise SystemExit("dstrain: ComfyUI's code is needed as a library: pass --comfyui DIR or set COMFYUI_DIR "

@@ -98,11 +98,12 @@ def test_trains_and_writes_files_comfyui_loads(comfy, tiny_models, subject_dir, 
 
 def test_defaults_to_the_miniature_model(subject_dir, tmp_path):
     out = tmp_path / "out"
-    r = _dstrain("--method", "textual_inversion", "--images", subject_dir, "--resolution", "64", "--ti-steps", "2",
+    r = _dstrain("--method", "textual_inversion", "--images", subject_dir, "--ti-steps", "2",
                  "--samples", "1", "--sample-steps", "2", "--class-noun", "animal", "--out", str(out))
     assert r.returncode == 0, ("miniworld.build.ensure() or the run failed:\n" + r.stderr[-3000:])
     run = json.loads((out / "run.json").read_text())
     assert run["model"].endswith("miniworld_sd15.safetensors") and run["family"] == "sd1"
+    assert run["resolution"] == 64  # the miniature's own size, not SD1's 512 (35 s a step there)
     assert [os.path.basename(f) for f in run["files"]] == ["ds_subject.safetensors"]
 
 
@@ -158,3 +159,26 @@ def test_help_shows_every_default_from_any_folder(tmp_path):
         text = options[flag]
         for _, spec in owners:  # the setting's own default, as declared in the core
             assert repr(spec.default) in text, (flag, spec.default, text)
+
+
+def test_checkpoint_resolution_reads_only_the_safetensors_header(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from comfyui_domainstudio.dstrain.hosts import checkpoint_resolution
+
+    def ckpt(name, meta):
+        path = str(tmp_path / name)
+        save_file({"w": torch.zeros(1)}, path, metadata=meta)
+        return path
+
+    assert checkpoint_resolution(ckpt("xl.safetensors", {"modelspec.resolution": "1024x1024"})) == 1024
+    assert checkpoint_resolution(ckpt("one.safetensors", {"modelspec.resolution": "768"})) == 768
+    assert checkpoint_resolution(ckpt("wide.safetensors", {"modelspec.resolution": "512x768"})) is None  # not square
+    assert checkpoint_resolution(ckpt("mini.safetensors", {"miniworld.key": "abc"})) == 64
+    assert checkpoint_resolution(ckpt("plain.safetensors", {})) is None
+    (tmp_path / "bad.safetensors").write_bytes(b"not a safetensors file")
+    assert checkpoint_resolution(str(tmp_path / "bad.safetensors")) is None
+    (tmp_path / "old.ckpt").write_bytes(b"\x80\x02}q\x00.")  # a pickle: never opened
+    assert checkpoint_resolution(str(tmp_path / "old.ckpt")) is None
+    assert checkpoint_resolution("") is None and checkpoint_resolution(None) is None

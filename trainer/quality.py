@@ -12,7 +12,7 @@ same seeds, in a feature space available without any download.
 * fine detail: mean high-pass energy of the decoded samples (pixels, any feature space), the
   signature of over-training: a model pushed too far draws the subject as coloured fragments or
   noise shaped like it. Adapted samples with DETAIL_WARN x the source's detail on the same seeds
-  *and* more than the training images themselves have is flagged (see detail_warning).
+  *and* more than the training images themselves have are flagged (see detail_warning).
 
 Feature spaces: a CLIP vision model the user connects (its image embeddings: semantic, the usual
 stand-in for perceptual similarity), else the VAE's latent space average-pooled to 8x8 (colour and

@@ -6,6 +6,7 @@ checks made before any training step. Pure torch."""
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import pytest
@@ -437,6 +438,26 @@ def test_detail_warning_needs_both_the_source_and_the_training_images_exceeded()
     assert detail_warning(0.010, 0.020, float("nan"), "lr", "steps") is not None  # no training images: ratio only
     assert detail_warning(0.0, 0.020, 0.005, "lr", "steps") is None
     assert detail_warning(float("nan"), 0.020, 0.005, "lr", "steps") is None
+
+
+def test_the_diversity_ratio_is_withheld_when_the_source_samples_are_near_identical():
+    from comfyui_domainstudio.trainer.quality import DIVERSITY_FLOOR, QualityReport
+
+    def rep(source):
+        return QualityReport(space="VAE-latent", samples=8, diversity_source=source, diversity_adapted=0.268,
+                             copy_source=0.4, copy_adapted=0.3)
+
+    varied = rep(0.134)
+    assert varied.diversity_ratio == pytest.approx(2.0)
+    assert "(ratio 2.00; < 0.5 suggests a collapse" in varied.text()
+    same = rep(0.001)  # the miniature's "a photo of tree": one tree on every seed, and a "ratio" of 268
+    assert math.isnan(same.diversity_ratio) and "ratio 268" not in same.text()
+    assert f"no ratio: the source's samples are near-identical, below {DIVERSITY_FLOOR}" in same.text()
+    assert "adapted 0.268 vs source 0.001" in same.text()  # the numbers themselves are still shown
+    d = same.as_dict()  # a ratio without meaning and unmeasured detail are null in strict JSON, not NaN
+    assert d["diversity_ratio"] is None and d["detail_source"] is None and d["diversity_source"] == 0.001
+    json.dumps(d, allow_nan=False)
+    assert rep(DIVERSITY_FLOOR).diversity_ratio == pytest.approx(0.268 / DIVERSITY_FLOOR)
 
 
 class FragmentingToyHost(ToyHost):

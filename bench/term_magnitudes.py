@@ -57,15 +57,16 @@ def resize(images: np.ndarray, size: int) -> np.ndarray:
 
 
 def measure(bench, delta, shots: np.ndarray, names: list[str], *, batches: int, batch: int, seed: int,
-            log=print) -> dict:
-    """{band: {term: {"value": mean, "grad": mean grad norm}}} for the model with `delta` (None = zero)."""
+            opts, log=print) -> dict:
+    """{band: {term: {"value": mean, "grad": mean grad norm}}} for the model with `delta` (None = zero),
+    on a LoRA placed, ranked and scaled as the RunOptions `opts` of the run that trained it."""
     import torch
 
     from comfyui_domainstudio.trainer import losses
     from comfyui_domainstudio.trainer.host import SessionNeeds
 
     host = bench.host
-    adapter = host.attach("lora_attn", 8, 8.0, 0)
+    adapter = host.attach(opts.train_mode, opts.lora_rank, opts.lora_alpha, 0)
     if delta:
         bad = adapter.load_state_dict(delta)
         if bad:
@@ -133,6 +134,10 @@ def main(argv=None) -> int:
     ap.add_argument("--batches", type=int, default=4, help="batches per noise band")
     ap.add_argument("--sizes", nargs="+", type=int, default=[64, 128])
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--train-mode", default=None, choices=("lora_attn", "lora_all"),
+                    help="where the LoRA sits, for the adapted state and the measured gradients (default: plain "
+                         "fine-tuning's default, every layer; the first results, term_magnitudes.json, were "
+                         "attention only on the previous miniature)")
     ap.add_argument("--out", default=os.path.join(REPO, "bench", "results", "term_magnitudes.json"))
     args = ap.parse_args(argv)
     import torch
@@ -142,8 +147,13 @@ def main(argv=None) -> int:
     extract = dq.bench_module("features").Lite0Features()
     world = dq.World(args.style, extract)
     bench = dq.Bench()
-    info = bench.train(dq.RECIPES["finetune"], world.training_set(), seed=0, steps=args.steps, precision="fp32")
-    print(f"adapted state: plain fine-tuning, {args.steps} steps ({info['train_s']:.0f} s)")
+    base = dq.RECIPES["finetune"]
+    recipe = dq.Recipe(base.method, dict(base.config), {**base.options, **({"train_mode": args.train_mode}
+                                                                         if args.train_mode else {})})
+    opts = recipe.settings(args.steps)[1]
+    info = bench.train(recipe, world.training_set(), seed=0, steps=args.steps, precision="fp32")
+    print(f"adapted state: plain fine-tuning, {args.steps} steps, {opts.train_mode} rank {opts.lora_rank} "
+          f"({info['train_s']:.0f} s)")
     results = {}
     for size in args.sizes:
         shots = resize(world.shots, size)
@@ -151,7 +161,8 @@ def main(argv=None) -> int:
             key = f"{size}px/{state}"
             print(f"  {key} (latent {size // 8}x{size // 8}x4 = {size * size // 16} dims, pixel {size}x{size}x3 = "
                   f"{size * size * 3} dims)", flush=True)
-            results[key] = measure(bench, delta, shots, world.shot_names, batches=args.batches, batch=4, seed=1)
+            results[key] = measure(bench, delta, shots, world.shot_names, batches=args.batches, batch=4, seed=1,
+                                   opts=opts)
     print("\nlambda at which each term's gradient equals L_simple's (uniform timesteps; paper: img/hf 100, hfmse 0.1)")
     print(f"{'setting':26s} " + " ".join(f"{t:>13s}" for t in TERMS[1:]))
     for key, r in results.items():
@@ -159,7 +170,8 @@ def main(argv=None) -> int:
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out + ".tmp", "w") as f:
         json.dump({"setting": {"style": args.style, "finetune_steps": args.steps, "batches_per_band": args.batches,
-                               "batch": 4, "bands": BANDS, "target_prompt": dq.TARGET_PROMPT, "source_prompt": dq.SOURCE_PROMPT, "sizes": args.sizes, "precision": "fp32",
+                               "batch": 4, "bands": BANDS, "train_mode": opts.train_mode,
+                               "lora_rank": opts.lora_rank, "lora_alpha": opts.lora_alpha, "target_prompt": dq.TARGET_PROMPT, "source_prompt": dq.SOURCE_PROMPT, "sizes": args.sizes, "precision": "fp32",
                                "reduction": "mean over N(N-1)", **bench.describe()},
                    "results": results, "wall_s": round(time.perf_counter() - t0, 1)}, f, indent=1)
     os.replace(args.out + ".tmp", args.out)

@@ -127,6 +127,15 @@ GRID: dict[str, tuple[str, "dq.Recipe"]] = {
     "db_prior_all_lr3e-4": ("dreambooth_prior", dq.Recipe("domainstudio", {**dq.RECIPES["dreambooth_prior"].config,
                                                                            "learning_rate": 3e-4},
                                                           {"train_mode": "lora_all"})),
+    # can the defaults move the style further? (2026-12-05) every layer at rank 32 (alpha 32: the same
+    # alpha / rank as the default r8 / a8), and the default at twice the lr
+    "ft_all_r32_lr3e-4": ("finetune", dq.Recipe("finetune", {"learning_rate": 3e-4},
+                                                {"train_mode": "lora_all", "lora_rank": 32, "lora_alpha": 32.0})),
+    "ds_paper_all_r32_lr3e-4": ("domainstudio", dq.Recipe("domainstudio", _ds(1e2, 3e-4).config,
+                                                          {"train_mode": "lora_all", "lora_rank": 32,
+                                                           "lora_alpha": 32.0})),
+    "ds_paper_all_lr6e-4": ("domainstudio", dq.Recipe("domainstudio", _ds(1e2, 6e-4).config,
+                                                      {"train_mode": "lora_all"})),
 }
 for _family, _recipe in GRID.values():
     _recipe.options.setdefault("train_mode", "lora_attn")

@@ -112,6 +112,7 @@ def test_recipes_resolve_onto_the_registered_methods():
         # a setting's name says what it trains, whatever the pack's default is now
         want = "lora_all" if "_all" in name else "full_attn" if name.startswith("ftfull") else "lora_attn"
         assert opts.train_mode == want, (name, opts.train_mode)
+        assert (opts.lora_rank, opts.lora_alpha) == ((32, 32.0) if "_r32" in name else (8, 8.0)), name
     # the recipes without options train what a user gets: the methods' own defaults
     assert dq.RECIPES["domainstudio"].settings()[1].train_mode == "lora_all"
     assert dq.RECIPES["finetune"].settings()[1].train_mode == "lora_all"

@@ -611,3 +611,33 @@ def test_captions_come_from_the_image_set():
               image_set(images, ["red", "green", "blue"]), opts())
     assert out.prompts.target == ["red, sks", "green, sks", "blue, sks"]
     assert files.delta_format(out.options).name == "lora"
+
+
+class DecodeCountingToyHost(ToyHost):
+    """Counts how many sample images go through the VAE decoder."""
+
+    decoded = 0
+
+    def decode_images(self, latents):
+        self.decoded += latents.shape[0]
+        return super().decode_images(latents)
+
+
+@pytest.mark.parametrize("with_encoder", [False, True])
+def test_the_quality_report_decodes_each_sample_once(with_encoder):
+    """Personalization's report draws 4 sets of samples (source, adapted, class before/after): each
+    set is decoded at most once, and the source's class samples only when an image encoder needs them."""
+    host, n = DecodeCountingToyHost(), 3
+    seen = []
+
+    def features(img):
+        seen.append(img.shape[0])
+        return torch.nn.functional.adaptive_avg_pool2d(img.movedim(-1, 1), 4).flatten(1)
+
+    out = train("dreambooth_no_prior", host=host, cfg=cfg_of("dreambooth_no_prior", unet_steps=2),
+                options=opts(quality_samples=n), **({"image_features": features} if with_encoder else {}))
+    assert out.quality is not None and out.quality.drift is not None
+    # the training images come from the image set, not decoded again
+    assert host.decoded == (4 if with_encoder else 3) * n, host.decoded
+    if with_encoder:
+        assert seen.count(n) == 4  # source, adapted, class before, class after

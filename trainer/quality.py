@@ -186,6 +186,10 @@ def report(host, prompts, x0: torch.Tensor, *, samples: int, resolution: int, se
         after = host.sample(class_prompt, seeds, resolution=resolution, steps=steps, cfg=cfg, adapter=adapter,
                             token=token)
         drift_pair = (before, after)
+    # each drift sample decoded once: the adapted one is shown in the grid, the source one only
+    # needed when the features are an image encoder's
+    drift_img = None if drift_pair is None else (
+        host.decode_images(drift_pair[0]) if image_features is not None else None, host.decode_images(drift_pair[1]))
     src_img, ada_img = host.decode_images(src), host.decode_images(ada)
     train_img = training_images if training_images is not None else host.decode_images(x0)
     if image_features is not None:
@@ -199,7 +203,7 @@ def report(host, prompts, x0: torch.Tensor, *, samples: int, resolution: int, se
     drift = None
     if drift_pair is not None:
         if image_features is not None:
-            fb, fa = image_features(host.decode_images(drift_pair[0])), image_features(host.decode_images(drift_pair[1]))
+            fb, fa = image_features(drift_img[0]), image_features(drift_img[1])
         else:
             fb, fa = latent_features(drift_pair[0]), latent_features(drift_pair[1])
         drift = float(cosine_distances(fb, fa).diagonal().mean())
@@ -214,6 +218,6 @@ def report(host, prompts, x0: torch.Tensor, *, samples: int, resolution: int, se
 
     rows = [(train_img[:samples], "training"), (src_img, "source"), (ada_img, "adapted")]
     if drift_pair is not None:
-        rows.append((host.decode_images(drift_pair[1]), "class, adapted"))
+        rows.append((drift_img[1], "class, adapted"))
     rep.grid = labelled_rows(rows)
     return rep

@@ -318,6 +318,9 @@ class Recipe:
     config: dict = field(default_factory=dict)
     options: dict = field(default_factory=dict)
     note: str = ""
+    # bench-only (not a setting of the pack): train on timesteps lo <= t < hi of the 1000-step schedule
+    # (higher = noisier) instead of all of them, to see which noise levels carry a style
+    timesteps: tuple[int, int] | None = None
 
     def settings(self, steps: int | None = None, seed: int = 0, **extra_options):
         """(method config, RunOptions) for a run; steps None = the method's default."""
@@ -375,6 +378,18 @@ def bf16_supported() -> bool:
     return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
+def timestep_sigmas(model_sampling, lo: int, hi: int, n: int, generator):
+    """n noise levels uniform in continuous timestep over [lo, hi - 1] (ComfyHost draws [0, 999]),
+    mapped through the model's discrete schedule (ComfyUI's ModelSamplingDiscrete.sigma)."""
+    import torch
+
+    if not 0 <= lo < hi <= 1000:
+        raise ValueError(f"timesteps ({lo}, {hi}): want 0 <= lo < hi <= 1000")
+    u = torch.rand(n, generator=generator, device=generator.device)
+    t = (lo + (hi - 1 - lo) * u.double()).float()
+    return model_sampling.sigma(t.to(model_sampling.log_sigmas.device)).to(u.device)
+
+
 class Bench:
     """The miniworld checkpoint loaded once (ComfyUI on the CPU) behind the pack's ComfyHost."""
 
@@ -393,10 +408,16 @@ class Bench:
             """ComfyHost that remembers the adapter a run trains (to sample it between steps)."""
 
             adapter = None
+            timesteps = None  # (lo, hi): Recipe.timesteps of the run in progress
 
             def attach(self, *a, **k):
                 self.adapter = super().attach(*a, **k)
                 return self.adapter
+
+            def sample_sigmas(self, n, generator):
+                if self.timesteps is None:
+                    return super().sample_sigmas(n, generator)
+                return timestep_sigmas(self.model.get_model_object("model_sampling"), *self.timesteps, n, generator)
 
         self.checkpoint = checkpoint or build.ensure()
         with torch.inference_mode():
@@ -499,7 +520,11 @@ class Bench:
                 pending.discard(p.stage_step)
                 on_checkpoint(p.stage_step, self.patched(self.host.adapter.state_dict()))
 
-        out = core.run(self.host, recipe.method, cfg, images, opts, on_progress=progress)
+        self.host.timesteps = recipe.timesteps
+        try:
+            out = core.run(self.host, recipe.method, cfg, images, opts, on_progress=progress)
+        finally:
+            self.host.timesteps = None
         stage = out.stages[-1]
         if on_checkpoint is not None:
             on_checkpoint(total, self.patched(out.delta))

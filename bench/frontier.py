@@ -136,6 +136,17 @@ GRID: dict[str, tuple[str, "dq.Recipe"]] = {
                                                            "lora_alpha": 32.0})),
     "ds_paper_all_lr6e-4": ("domainstudio", dq.Recipe("domainstudio", _ds(1e2, 6e-4).config,
                                                       {"train_mode": "lora_all"})),
+    # which noise levels carry the style? (2026-12-05) the default pair trained only on the noisier half
+    # of the schedule (t >= 500: layout and colour fills are decided there) or only on the cleaner half
+    # (t < 500: edges, shading, texture); a bench-only switch (Recipe.timesteps), not a setting of the pack
+    "ft_all_thi_lr3e-4": ("finetune", dq.Recipe("finetune", {"learning_rate": 3e-4}, {"train_mode": "lora_all"},
+                                                timesteps=(500, 1000))),
+    "ft_all_tlo_lr3e-4": ("finetune", dq.Recipe("finetune", {"learning_rate": 3e-4}, {"train_mode": "lora_all"},
+                                                timesteps=(0, 500))),
+    "ds_paper_all_thi_lr3e-4": ("domainstudio", dq.Recipe("domainstudio", _ds(1e2, 3e-4).config,
+                                                          {"train_mode": "lora_all"}, timesteps=(500, 1000))),
+    "ds_paper_all_tlo_lr3e-4": ("domainstudio", dq.Recipe("domainstudio", _ds(1e2, 3e-4).config,
+                                                          {"train_mode": "lora_all"}, timesteps=(0, 500))),
 }
 for _family, _recipe in GRID.values():
     _recipe.options.setdefault("train_mode", "lora_attn")
@@ -526,7 +537,9 @@ def main(argv=None) -> int:
     result["setting"] = {"target_prompt": dq.TARGET_PROMPT, "source_prompt": dq.SOURCE_PROMPT, "steps": steps,
                          "checkpoints": args.checkpoints, "samples": dq.N_EVAL, **bench.describe(),
                          "grid": {s: {"family": GRID[s][0], "method": GRID[s][1].method, "config": GRID[s][1].config,
-                                      "options": GRID[s][1].options} for s in GRID}}
+                                      "options": GRID[s][1].options,
+                                      **({"timesteps": list(GRID[s][1].timesteps)} if GRID[s][1].timesteps else {})}
+                                  for s in GRID}}
     worlds: dict = {}
     # seed-major order: a sweep stopped early still has every setting on the first seeds
     todo = [(seed, style, s) for seed in args.seeds for style in args.styles for s in args.settings

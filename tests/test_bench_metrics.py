@@ -28,6 +28,25 @@ fr = _bench("frontier")
 es = _bench("emoji_styles")
 
 
+def test_timestep_ranges_draw_only_their_timesteps():
+    import torch
+
+    class Identity:  # sigma(t) = t: the drawn timesteps themselves
+        log_sigmas = torch.zeros(1000)
+
+        def sigma(self, t):
+            return t
+
+    g = torch.Generator().manual_seed(0)
+    hi = dq.timestep_sigmas(Identity(), 500, 1000, 4000, g)
+    lo = dq.timestep_sigmas(Identity(), 0, 500, 4000, g)
+    assert 500 <= hi.min() < 510 and 990 < hi.max() <= 999
+    assert 0 <= lo.min() < 10 and 490 < lo.max() <= 499
+    assert abs(float(hi.mean()) - 749.5) < 10  # uniform
+    with pytest.raises(ValueError, match="timesteps"):
+        dq.timestep_sigmas(Identity(), 500, 500, 1, g)
+
+
 def test_features_are_16x16_area_means():
     img = np.zeros((1, 64, 64, 3), np.float32)
     img[0, :4, :4, 0] = 1.0  # exactly the first 4x4 cell, red
@@ -113,6 +132,7 @@ def test_recipes_resolve_onto_the_registered_methods():
         want = "lora_all" if "_all" in name else "full_attn" if name.startswith("ftfull") else "lora_attn"
         assert opts.train_mode == want, (name, opts.train_mode)
         assert (opts.lora_rank, opts.lora_alpha) == ((32, 32.0) if "_r32" in name else (8, 8.0)), name
+        assert r.timesteps == ((500, 1000) if "_thi" in name else (0, 500) if "_tlo" in name else None), name
     # the recipes without options train what a user gets: the methods' own defaults
     assert dq.RECIPES["domainstudio"].settings()[1].train_mode == "lora_all"
     assert dq.RECIPES["finetune"].settings()[1].train_mode == "lora_all"

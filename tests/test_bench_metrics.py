@@ -25,6 +25,7 @@ def _bench(name):
 
 dq = _bench("domain_quality")
 fr = _bench("frontier")
+dfl = _bench("diversity_floor")
 es = _bench("emoji_styles")
 
 
@@ -45,6 +46,12 @@ def test_timestep_ranges_draw_only_their_timesteps():
     assert abs(float(hi.mean()) - 749.5) < 10  # uniform
     with pytest.raises(ValueError, match="timesteps"):
         dq.timestep_sigmas(Identity(), 500, 500, 1, g)
+
+
+def test_split_disagreement_is_relative_to_the_mean():
+    assert dfl.split_disagreement(0.1, 0.3) == pytest.approx(1.0)  # |0.1 - 0.3| / 0.2
+    assert dfl.split_disagreement(0.2, 0.2) == 0.0
+    assert dfl.split_disagreement(0.0, 0.0) == float("inf")
 
 
 def test_features_are_16x16_area_means():

@@ -641,3 +641,36 @@ def test_the_quality_report_decodes_each_sample_once(with_encoder):
     assert host.decoded == (4 if with_encoder else 3) * n, host.decoded
     if with_encoder:
         assert seen.count(n) == 4  # source, adapted, class before, class after
+
+
+class PromptRecordingToyHost(ToyHost):
+    def __init__(self, *a, **k):
+        super().__init__(*a, **k)
+        self.sampled = []  # (prompt, adapted?) of every sample() call
+
+    def sample(self, prompt, seeds, *, adapter=None, **kw):
+        self.sampled.append((prompt, adapter is not None))
+        return super().sample(prompt, seeds, adapter=adapter, **kw)
+
+
+@pytest.mark.parametrize("method, config, adapted, source", [
+    # per-image captions: both models get the template without the caption (not the first image's prompt)
+    ("domainstudio", {"target_prompt": "a sks emoji of {caption}", "source_prompt": "an emoji of {caption}"},
+     "a sks emoji of", "an emoji of"),
+    ("domainstudio", {"target_prompt": "a sks house", "source_prompt": "a house"}, "a sks house", "a house"),
+    ("finetune", {"target_prompt": "{caption}, sks"}, ", sks", ", sks"),
+    ("dreambooth_no_prior", {}, "a photo of sks dog", "a photo of dog"),
+])
+def test_the_quality_report_asks_both_models_for_the_same_kind_of_prompt(method, config, adapted, source):
+    host = PromptRecordingToyHost()
+    host.latents = structured_latents(3)
+    cfg = cfg_of(method, **({"batch_size": 3, "steps": 1} if method != "dreambooth_no_prior" else {"unet_steps": 1}),
+                 **config)
+    out = run(host, method, cfg, image_set(toy_images(3), ["red heart", "cat face", "tree"]),
+              opts(quality_samples=3, preview_every=0))
+    q = out.quality
+    assert (q.prompt_adapted, q.prompt_source) == (adapted, source)
+    assert (adapted, True) in host.sampled and (source, False) in host.sampled
+    assert not any("red heart" in p for p, _ in host.sampled), host.sampled  # no single image's caption
+    assert f"prompts: adapted {adapted!r}, source {source!r}" in q.text()
+    assert q.as_dict()["prompt_source"] == source

@@ -52,6 +52,8 @@ class QualityReport:
     detail_adapted: float = float("nan")
     detail_training: float = float("nan")
     grid: torch.Tensor | None = None  # IMAGE [1, H, W, 3]
+    prompt_adapted: str | None = None  # what each model was asked for (report_prompts)
+    prompt_source: str | None = None
 
     @property
     def diversity_ratio(self) -> float:
@@ -67,7 +69,8 @@ class QualityReport:
              "diversity_adapted": self.diversity_adapted, "diversity_ratio": self.diversity_ratio,
              "copy_source": self.copy_source, "copy_adapted": self.copy_adapted, "drift": self.drift,
              "detail_source": self.detail_source, "detail_adapted": self.detail_adapted,
-             "detail_training": self.detail_training}
+             "detail_training": self.detail_training, "prompt_adapted": self.prompt_adapted,
+             "prompt_source": self.prompt_source}
         return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in d.items()}
 
     def diversity_line(self) -> str:
@@ -87,6 +90,8 @@ class QualityReport:
                          "class word was overwritten)")
         lines.append(f"  fine detail (pixels): adapted {self.detail_adapted:.4f} vs source {self.detail_source:.4f}, "
                      f"training images {self.detail_training:.4f} (far above both suggests over-training damage)")
+        if self.prompt_adapted is not None:
+            lines.append(f"  prompts: adapted {self.prompt_adapted!r}, source {self.prompt_source!r}")
         lines.append("  caveat: a few samples in a proxy feature space flag problems, they do not measure quality")
         return "\n".join(lines)
 
@@ -170,14 +175,26 @@ def mean_pairwise(f: torch.Tensor) -> float:
     return float(d.sum() / (n * (n - 1)))
 
 
+def report_prompts(prompts) -> tuple[str, str]:
+    """(adapted, source) prompts of the report: what the user types afterwards, and the source
+    model's counterpart. With per-image captions both are the templates without '{caption}' ("a sks
+    emoji of" / "an emoji of"), so the two models draw the same kind of prompt: the source's prompt
+    of the first image alone would compare one emoji's near-identical samples with a varied set.
+    Personalization compares the instance prompt with the class prompt; plain fine-tuning (no
+    source prompt) asks the source model for the adapted model's prompt."""
+    target = prompts.usage or (prompts.target[0] if prompts.target else "")
+    if prompts.class_prompt or len(set(prompts.source)) > 1:
+        return target, prompts.class_prompt
+    return target, prompts.source[0] if prompts.source else target
+
+
 def report(host, prompts, x0: torch.Tensor, *, samples: int, resolution: int, seed: int, adapter=None, token=None,
            class_prompt: str | None = None, image_features: Callable | None = None, space: str = "",
            steps: int = 12, cfg: float = 5.0, training_images: torch.Tensor | None = None) -> QualityReport:
     """Sample `samples` seeds from the source (source prompt) and the adapted model (target prompt)
     and compare them. image_features(IMAGE) -> [N, D] replaces the latent features when given."""
     seeds = [seed + i for i in range(samples)]
-    target = prompts.usage or (prompts.target[0] if prompts.target else "")
-    source = prompts.source[0] if prompts.source else (prompts.class_prompt or target)
+    target, source = report_prompts(prompts)
     src = host.sample(source, seeds, resolution=resolution, steps=steps, cfg=cfg)
     ada = host.sample(target, seeds, resolution=resolution, steps=steps, cfg=cfg, adapter=adapter, token=token)
     drift_pair = None
@@ -213,7 +230,7 @@ def report(host, prompts, x0: torch.Tensor, *, samples: int, resolution: int, se
         copy_source=float(cosine_distances(f_src, f_train).min(dim=1).values.mean()),
         copy_adapted=float(cosine_distances(f_ada, f_train).min(dim=1).values.mean()),
         drift=drift, detail_source=fine_detail(src_img), detail_adapted=fine_detail(ada_img),
-        detail_training=fine_detail(train_img))
+        detail_training=fine_detail(train_img), prompt_adapted=target, prompt_source=source)
     from .grids import labelled_rows
 
     rows = [(train_img[:samples], "training"), (src_img, "source"), (ada_img, "adapted")]

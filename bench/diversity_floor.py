@@ -94,8 +94,9 @@ def main(argv=None) -> int:
     for r in sorted(rows, key=lambda r: r["latent"]["div"]):
         print(f"{r['prompt'][:52]:52s} {r['latent']['div']:8.4f} {r['latent']['split']:6.2f} {r['lite0']['div']:8.4f} "
               f"{r['lite0']['split']:6.2f}")
+    env = {k: v for k, v in bench.describe().items() if k in ("checkpoint", "torch", "threads", "platform")}
     result = {"setting": {"samples_per_set": n, "sets": 2, "sampler": "euler/normal", "steps": 12, "cfg": 5.0,
-                          "resolution": 64, "floor": quality.DIVERSITY_FLOOR, **bench.describe()},
+                          "resolution": 64, "floor": quality.DIVERSITY_FLOOR, **env},
               "rows": rows, "wall_s": round(time.perf_counter() - t0, 1)}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     tmp = args.out + ".tmp"

@@ -188,6 +188,9 @@ def merge_into(result: dict, other: dict) -> None:
             result.setdefault("failed", {})[k] = why
     if "setting" not in result and "setting" in other:
         result["setting"] = other["setting"]
+    elif "setting" in other:  # settings added to GRID since `result` was written keep their recipe
+        for name, recipe in other["setting"].get("grid", {}).items():
+            result["setting"].setdefault("grid", {}).setdefault(name, recipe)
 
 
 def run_id(setting: str, style: str, seed: int) -> str:

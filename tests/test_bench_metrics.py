@@ -375,3 +375,14 @@ def test_damage_check_flags_with_the_report_rule_and_measures_excess_against_the
     assert checked[1]["excess"] == 0.0
     table = {t["variant"]: t for t in dc.summarize(checked)}
     assert table["hot"]["flagged"] == 1 and table["cool"]["flagged"] == 0 and table["cool"]["runs"] == 1
+
+
+def test_merging_keeps_the_first_runs_and_adds_new_settings_recipes():
+    a = {"runs": {"s/twitter/0": {"v": 1}}, "setting": {"steps": 400, "grid": {"s": {"method": "finetune"}}}}
+    b = {"runs": {"s/twitter/0": {"v": 2}, "t/twitter/0": {"v": 3}},
+         "setting": {"steps": 400, "grid": {"s": {"method": "other"}, "t": {"method": "domainstudio",
+                                                                          "timesteps": [500, 1000]}}}}
+    fr.merge_into(a, b)
+    assert a["runs"] == {"s/twitter/0": {"v": 1}, "t/twitter/0": {"v": 3}}
+    assert a["setting"]["grid"] == {"s": {"method": "finetune"},
+                                    "t": {"method": "domainstudio", "timesteps": [500, 1000]}}

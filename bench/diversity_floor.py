@@ -22,7 +22,6 @@ and "a sks emoji of <name>". Prints a table sorted by diversity and writes JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -98,11 +97,9 @@ def main(argv=None) -> int:
     result = {"setting": {"samples_per_set": n, "sets": 2, "sampler": "euler/normal", "steps": 12, "cfg": 5.0,
                           "resolution": 64, "floor": quality.DIVERSITY_FLOOR, **env},
               "rows": rows, "wall_s": round(time.perf_counter() - t0, 1)}
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    tmp = args.out + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=1)
-    os.replace(tmp, args.out)
+    from frontier import save  # atomic JSON write, shared by the bench scripts
+
+    save(result, args.out)
     print(f"wrote {args.out} ({result['wall_s']:.0f} s)")
     return 0
 

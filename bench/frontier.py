@@ -147,6 +147,11 @@ GRID: dict[str, tuple[str, "dq.Recipe"]] = {
                                                           {"train_mode": "lora_all"}, timesteps=(500, 1000))),
     "ds_paper_all_tlo_lr3e-4": ("domainstudio", dq.Recipe("domainstudio", _ds(1e2, 3e-4).config,
                                                           {"train_mode": "lora_all"}, timesteps=(0, 500))),
+    # where is the cut? (2026-12-05, stop 31) DomainStudio at the paper's lambda on t < 300 and on t < 700
+    "ds_paper_all_t300_lr3e-4": ("domainstudio", dq.Recipe("domainstudio", _ds(1e2, 3e-4).config,
+                                                           {"train_mode": "lora_all"}, timesteps=(0, 300))),
+    "ds_paper_all_t700_lr3e-4": ("domainstudio", dq.Recipe("domainstudio", _ds(1e2, 3e-4).config,
+                                                           {"train_mode": "lora_all"}, timesteps=(0, 700))),
 }
 for _family, _recipe in GRID.values():
     _recipe.options.setdefault("train_mode", "lora_attn")

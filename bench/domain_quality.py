@@ -318,8 +318,9 @@ class Recipe:
     config: dict = field(default_factory=dict)
     options: dict = field(default_factory=dict)
     note: str = ""
-    # bench-only (not a setting of the pack): train on timesteps lo <= t < hi of the 1000-step schedule
-    # (higher = noisier) instead of all of them, to see which noise levels carry a style
+    # train on timesteps lo <= t < hi of the 1000-step schedule (higher = noisier) instead of all of
+    # them: the run options min_timestep / max_timestep (a bench-only switch until 2026-12-05, drawn the
+    # same way, so the frontier's earlier split runs reproduce)
     timesteps: tuple[int, int] | None = None
 
     def settings(self, steps: int | None = None, seed: int = 0, **extra_options):
@@ -336,7 +337,9 @@ class Recipe:
             values["steps"] = int(steps)
         cfg = resolve_config(self.method, values)
         base = default_options(self.method) if self.method else RunOptions()
-        opts = settings.replace(base, **{"train_seed": int(seed), "preview_every": 0, **self.options, **extra_options})
+        span = {} if self.timesteps is None else {"min_timestep": self.timesteps[0], "max_timestep": self.timesteps[1]}
+        opts = settings.replace(base, **{"train_seed": int(seed), "preview_every": 0, **span, **self.options,
+                                         **extra_options})
         return cfg, opts
 
 
@@ -378,18 +381,6 @@ def bf16_supported() -> bool:
     return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
-def timestep_sigmas(model_sampling, lo: int, hi: int, n: int, generator):
-    """n noise levels uniform in continuous timestep over [lo, hi - 1] (ComfyHost draws [0, 999]),
-    mapped through the model's discrete schedule (ComfyUI's ModelSamplingDiscrete.sigma)."""
-    import torch
-
-    if not 0 <= lo < hi <= 1000:
-        raise ValueError(f"timesteps ({lo}, {hi}): want 0 <= lo < hi <= 1000")
-    u = torch.rand(n, generator=generator, device=generator.device)
-    t = (lo + (hi - 1 - lo) * u.double()).float()
-    return model_sampling.sigma(t.to(model_sampling.log_sigmas.device)).to(u.device)
-
-
 class Bench:
     """The miniworld checkpoint loaded once (ComfyUI on the CPU) behind the pack's ComfyHost."""
 
@@ -408,16 +399,10 @@ class Bench:
             """ComfyHost that remembers the adapter a run trains (to sample it between steps)."""
 
             adapter = None
-            timesteps = None  # (lo, hi): Recipe.timesteps of the run in progress
 
             def attach(self, *a, **k):
                 self.adapter = super().attach(*a, **k)
                 return self.adapter
-
-            def sample_sigmas(self, n, generator):
-                if self.timesteps is None:
-                    return super().sample_sigmas(n, generator)
-                return timestep_sigmas(self.model.get_model_object("model_sampling"), *self.timesteps, n, generator)
 
         self.checkpoint = checkpoint or build.ensure()
         with torch.inference_mode():
@@ -520,11 +505,7 @@ class Bench:
                 pending.discard(p.stage_step)
                 on_checkpoint(p.stage_step, self.patched(self.host.adapter.state_dict()))
 
-        self.host.timesteps = recipe.timesteps
-        try:
-            out = core.run(self.host, recipe.method, cfg, images, opts, on_progress=progress)
-        finally:
-            self.host.timesteps = None
+        out = core.run(self.host, recipe.method, cfg, images, opts, on_progress=progress)
         stage = out.stages[-1]
         if on_checkpoint is not None:
             on_checkpoint(total, self.patched(out.delta))

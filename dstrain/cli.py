@@ -165,7 +165,10 @@ def describe_error(e: Exception) -> str:
     from ..trainer.errors import SettingError
 
     if isinstance(e, SettingError):
-        return e.labelled(flag_of(e.name))
+        text = e.labelled(flag_of(e.name))
+        for config in (RunOptions, *(m.config for m in METHODS.values())):  # names in the fix, as flags too
+            text = flags_in_text(text, config)
+        return text
     return str(e)
 
 
@@ -183,6 +186,7 @@ def main(argv=None) -> int:
         opts = core.default_options(m, **option_values)
         settings.check(cfg)
         settings.check(opts)
+        core.check_options(m, cfg, opts)
     except (TrainingError, ValueError) as e:
         fail(describe_error(e))
     try:

@@ -29,7 +29,12 @@ def spec_input(s: settings.Spec, optional: bool = False):
     return io.String.Input(s.name, default=s.default, multiline=s.kind == "text", **common)
 
 
-def inputs_for(*config_classes, exclude=(), defaults: dict | None = None) -> list:
+# Run options added after workflows were shared: the frontend restores widget values by position,
+# so these come after every older widget (after resume_from) and old workflows keep their values.
+APPENDED_OPTIONS = ("min_timestep", "max_timestep")
+
+
+def inputs_for(*config_classes, exclude=(), only=None, defaults: dict | None = None) -> list:
     """Inputs for the union of the settings of `config_classes` (first declaration of a name wins;
     names shared by several configs must agree, which the settings tests check). Essential inputs
     first, then the advanced ones, each in declaration order. `defaults` replaces declared defaults
@@ -37,7 +42,7 @@ def inputs_for(*config_classes, exclude=(), defaults: dict | None = None) -> lis
     seen: dict[str, settings.Spec] = {}
     for cls in config_classes:
         for s in settings.specs(cls):
-            if s.node and s.name not in exclude and s.name not in seen:
+            if s.node and s.name not in exclude and s.name not in seen and (only is None or s.name in only):
                 if defaults and s.name in defaults:
                     s = dataclasses.replace(s, default=defaults[s.name])
                 seen[s.name] = s
@@ -57,7 +62,7 @@ def split_values(kwargs: dict, *config_classes) -> list[dict]:
 def trainer_tail(node: str, save_name: str, save_tooltip: str, resume_tooltip: str) -> list:
     """The inputs every trainer node ends with: the file name, the IMAGE-input resolution, the run
     options (at the defaults of the methods `node` offers), the optional CLIP vision model of the
-    quality report, and resume_from."""
+    quality report, resume_from, then the options added since (APPENDED_OPTIONS)."""
     from ..trainer.methods import node_option_defaults
     from ..trainer.run import RunOptions
     from . import common
@@ -67,11 +72,12 @@ def trainer_tail(node: str, save_name: str, save_tooltip: str, resume_tooltip: s
         io.Int.Input("resolution", default=512, min=64, max=4096, step=8,
                      tooltip="Used only for a plain IMAGE input; an image set keeps its own.",
                      **compat.input_options(True)),
-        *inputs_for(RunOptions, defaults=node_option_defaults(node)),
+        *inputs_for(RunOptions, exclude=APPENDED_OPTIONS, defaults=node_option_defaults(node)),
         io.ClipVision.Input("clip_vision", optional=True,
                             tooltip="Optional: a CLIP vision model (stock Load CLIP Vision) gives the quality report "
                             "its feature space; without it the report uses VAE latents.",
                             **compat.input_options(True)),
         io.Combo.Input("resume_from", options=[common.NONE] + common.weight_file_options(), default=common.NONE,
                        tooltip=resume_tooltip, **compat.input_options(True)),
+        *inputs_for(RunOptions, only=APPENDED_OPTIONS, defaults=node_option_defaults(node)),
     ]

@@ -297,6 +297,10 @@ class ToyHost(Host):
         t = torch.randint(0, self.sigmas.shape[0], (n,), generator=generator)
         return self.sigmas[t]
 
+    def sigma_at(self, t: torch.Tensor) -> torch.Tensor:
+        """The schedule at the nearest step (the toy's sigmas are the 1000 discrete ones)."""
+        return self.sigmas[t.round().long().clamp(0, self.sigmas.shape[0] - 1).cpu()].to(t.device)
+
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         return x0 + sigma.view(-1, 1, 1, 1) * noise
 

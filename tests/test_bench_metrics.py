@@ -29,23 +29,11 @@ dfl = _bench("diversity_floor")
 es = _bench("emoji_styles")
 
 
-def test_timestep_ranges_draw_only_their_timesteps():
-    import torch
-
-    class Identity:  # sigma(t) = t: the drawn timesteps themselves
-        log_sigmas = torch.zeros(1000)
-
-        def sigma(self, t):
-            return t
-
-    g = torch.Generator().manual_seed(0)
-    hi = dq.timestep_sigmas(Identity(), 500, 1000, 4000, g)
-    lo = dq.timestep_sigmas(Identity(), 0, 500, 4000, g)
-    assert 500 <= hi.min() < 510 and 990 < hi.max() <= 999
-    assert 0 <= lo.min() < 10 and 490 < lo.max() <= 499
-    assert abs(float(hi.mean()) - 749.5) < 10  # uniform
-    with pytest.raises(ValueError, match="timesteps"):
-        dq.timestep_sigmas(Identity(), 500, 500, 1, g)
+def test_a_recipes_timestep_range_is_the_run_options_range():
+    _, opts = fr.GRID["ds_paper_all_t300_lr3e-4"][1].settings(steps=10)
+    assert (opts.min_timestep, opts.max_timestep) == (0, 300)
+    _, opts = fr.GRID["ds_paper_all_lr3e-4"][1].settings(steps=10)
+    assert (opts.min_timestep, opts.max_timestep) == (0, 1000)
 
 
 def test_split_disagreement_is_relative_to_the_mean():
@@ -139,7 +127,9 @@ def test_recipes_resolve_onto_the_registered_methods():
         want = "lora_all" if "_all" in name else "full_attn" if name.startswith("ftfull") else "lora_attn"
         assert opts.train_mode == want, (name, opts.train_mode)
         assert (opts.lora_rank, opts.lora_alpha) == ((32, 32.0) if "_r32" in name else (8, 8.0)), name
-        assert r.timesteps == ((500, 1000) if "_thi" in name else (0, 500) if "_tlo" in name else None), name
+        want = {"_thi": (500, 1000), "_tlo": (0, 500), "_t300": (0, 300), "_t700": (0, 700)}
+        assert r.timesteps == next((v for k, v in want.items() if k + "_" in name), None), name
+        assert opts.timesteps == (r.timesteps or (0, 1000)), name
     # the recipes without options train what a user gets: the methods' own defaults
     assert dq.RECIPES["domainstudio"].settings()[1].train_mode == "lora_all"
     assert dq.RECIPES["finetune"].settings()[1].train_mode == "lora_all"

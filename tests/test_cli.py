@@ -65,7 +65,7 @@ def subject_dir(tmp_path_factory):
 
 
 @pytest.mark.parametrize("method, extra, as_path", [
-    ("domainstudio", ["--steps", "3", "--batch-size", "3"], False),
+    ("domainstudio", ["--steps", "3", "--batch-size", "3", "--max-timestep", "500"], False),
     ("rare_token", ["--ti-steps", "2", "--unet-steps", "2", "--class-noun", "dog"], True),
 ])
 def test_trains_and_writes_files_comfyui_loads(comfy, tiny_models, subject_dir, tmp_path, method, extra, as_path):
@@ -77,6 +77,8 @@ def test_trains_and_writes_files_comfyui_loads(comfy, tiny_models, subject_dir, 
     assert r.comfy_imported, "a training run imports ComfyUI's model code (and -X importtime shows it)"
     run = json.loads((out / "run.json").read_text())
     assert run["method"] == method and run["family"] == "sd1" and run["images"] == 4
+    assert (run["options"]["min_timestep"], run["options"]["max_timestep"]) == (0, 500 if "--max-timestep" in extra
+                                                                                 else 1000)
     for g in run["grids"]:
         with Image.open(out / g) as im:
             assert im.size[0] == 2 * 64 and im.size[1] in (64, 128)
@@ -115,6 +117,10 @@ def test_setting_errors_name_the_flag_before_comfyui_is_imported(tiny_models, su
     _assert_refused(_dstrain("--images", subject_dir, "--method", "dreambooth", "--target-prompt", "x"),
                     "--target-prompt")
     _assert_refused(_dstrain("--images", subject_dir, "--batch-size", "0"), "--batch-size")
+    # a rule across two settings, before the model loads; the other setting is named by its flag too
+    r = _dstrain("--images", subject_dir, "--min-timestep", "600", "--max-timestep", "500")
+    _assert_refused(r, "--max-timestep=500", "above --min-timestep (600)")
+    assert "min_timestep" not in r.stderr, r.stderr[-1000:]
     _assert_refused(_dstrain("--images", subject_dir, "--checkpoint", ckpt, "--name", "../evil"), "--name")
     _assert_refused(_dstrain("--images", subject_dir, "--checkpoint", str(tmp_path / "missing.safetensors")),
                     "--checkpoint")

@@ -119,6 +119,9 @@ def test_schedule_and_x0_match_comfy_model_sampling(sd15, models, host):
     drawn = host.sample_sigmas(64, g)
     assert torch.allclose(drawn, s.percent_to_sigma(torch.rand(64, generator=torch.Generator().manual_seed(3))
                                                     .clamp(max=0.999)))
+    # min_timestep / max_timestep: noise levels at fractional timesteps, as ComfyUI's schedule gives them
+    t = torch.tensor([0.0, 1.0, 250.25, 499.5, 999.0])
+    assert torch.allclose(host.sigma_at(t), ms.sigma(t).float(), rtol=1e-5)
     # x0 prediction (eps model) of the host equals ComfyUI's own denoised output on the same x_t.
     x, sigma, ctx = _inputs()
     from comfy import model_management

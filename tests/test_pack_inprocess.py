@@ -157,3 +157,17 @@ def test_few_shot_image_set_node_errors_are_specific(comfy, image_root):
         node.execute(resolution=64, flip=False, folder=str(image_root / "bad"))
     with pytest.raises(ValueError, match="does_not_exist"):
         node.execute(resolution=64, flip=False, folder=str(image_root / "does_not_exist"))
+
+
+@pytest.mark.parametrize("node_id", ["DomainStudio_Train", "DomainStudio_Personalize"])
+def test_inputs_added_later_come_after_every_saved_widget(comfy, node_id):
+    # the frontend restores a saved workflow's widget values by position: a new input must not
+    # shift the values of the inputs before it
+    info = comfy.node(node_id).GET_NODE_INFO_V1()
+    required, optional = info["input_order"]["required"], info["input_order"].get("optional", [])
+    appended = list(comfy.pack("nodes.schema").APPENDED_OPTIONS)
+    assert appended == ["min_timestep", "max_timestep"]
+    # widgets are the required inputs here (the optional ones are sockets: images, clip_vision)
+    assert not any(isinstance(info["input"]["optional"][k][0], list) or info["input"]["optional"][k][0] in
+                   ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO") for k in optional), optional
+    assert required[-len(appended):] == appended and required.index("resume_from") < required.index(appended[0])

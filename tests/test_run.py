@@ -674,3 +674,54 @@ def test_the_quality_report_asks_both_models_for_the_same_kind_of_prompt(method,
     assert not any("red heart" in p for p, _ in host.sampled), host.sampled  # no single image's caption
     assert f"prompts: adapted {adapted!r}, source {source!r}" in q.text()
     assert q.as_dict()["prompt_source"] == source
+
+
+class SigmaRecordingToyHost(ToyHost):
+    """Records the noise level of every adapted and source prediction made while training."""
+
+    def __init__(self, *a, **k):
+        super().__init__(*a, **k)
+        self.trained_sigmas: list[torch.Tensor] = []
+
+    def predict_x0(self, xt, sigma, cond, adapted: bool = True):
+        if self.training:
+            self.trained_sigmas.append(sigma.detach().flatten().clone())
+        return super().predict_x0(xt, sigma, cond, adapted)
+
+
+@pytest.mark.parametrize("method", ["domainstudio", "finetune", "dreambooth", "rare_token"])
+@pytest.mark.parametrize("lo, hi", [(0, 300), (700, 1000), (400, 401)])
+def test_a_timestep_range_trains_only_those_noise_levels(method, lo, hi):
+    host = SigmaRecordingToyHost()
+    out = train(method, host=host, options=opts(min_timestep=lo, max_timestep=hi))
+    assert out.completed and out.options.timesteps == (lo, hi)
+    drawn = torch.cat(host.trained_sigmas)
+    assert drawn.numel() >= out.steps_done  # every step (and the prior / source passes) is recorded
+    assert drawn.min() >= host.sigmas[lo] and drawn.max() <= host.sigmas[hi - 1], (drawn.min(), drawn.max())
+    if hi - lo > 1:  # spread over the range, not one level
+        assert drawn.unique().numel() > 3
+
+
+def test_the_whole_schedule_is_the_hosts_own_draw_and_reaches_both_ends():
+    from comfyui_domainstudio.trainer.loop import Rng
+    from comfyui_domainstudio.trainer.methods.base import FULL_SCHEDULE, noise_levels
+
+    host = ToyHost()
+    # the default range is the host's unchanged stream (runs before the setting existed reproduce)
+    assert torch.equal(noise_levels(host, 64, Rng.seeded(5, "cpu"), FULL_SCHEDULE),
+                       host.sample_sigmas(64, Rng.seeded(5, "cpu").device))
+    full = SigmaRecordingToyHost()
+    train("finetune", host=full, options=opts())
+    drawn = torch.cat(full.trained_sigmas)
+    assert drawn.min() < host.sigmas[300] and drawn.max() > host.sigmas[700]
+
+
+@pytest.mark.parametrize("lo, hi", [(500, 500), (600, 200)])
+def test_an_empty_timestep_range_is_refused_before_training_naming_both_settings(lo, hi):
+    host = ToyHost()
+    with pytest.raises(SettingError) as e:
+        train("finetune", host=host, options=opts(min_timestep=lo, max_timestep=hi))
+    assert e.value.name == "max_timestep" and "min_timestep" in e.value.fix and host.calls["encode_images"] == 0
+    with pytest.raises(SettingError) as e:
+        train("finetune", host=host, options=opts(max_timestep=1001))
+    assert e.value.name == "max_timestep"

@@ -196,7 +196,9 @@ class Saver:
         return deltas.build_metadata(kind=kind, family=out.family, title=title, method=out.method, rank=rank,
                                      alpha=alpha, training=training, trigger=trigger, fingerprint=out.fingerprint,
                                      steps=steps, resolution=self.resolution or None, learning_rate=learning_rate,
-                                     dtype=opts.save_dtype, extra=extra)
+                                     dtype=opts.save_dtype,
+                                     extra={"ss_min_timestep": opts.min_timestep, "ss_max_timestep": opts.max_timestep,
+                                            **(extra or {})})
 
     # --- final files -----------------------------------------------------------------------------
     def save_final(self, out) -> list[str]:

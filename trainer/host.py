@@ -211,6 +211,11 @@ class Host(ABC):
     def sample_sigmas(self, n: int, generator: torch.Generator) -> torch.Tensor: ...
 
     @abstractmethod
+    def sigma_at(self, t: torch.Tensor) -> torch.Tensor:
+        """Noise levels at (fractional) timesteps t of the 1000-step training schedule (0 = cleanest,
+        999 = noisiest), on t's device: how the run's min_timestep / max_timestep are drawn."""
+
+    @abstractmethod
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor: ...
 
     @abstractmethod

@@ -83,6 +83,16 @@ class RunOptions:
     quality_samples: int = setting(0, "After training, sample this many seeds from the source and the adapted model "
                                    "and report diversity, copying, class drift and over-training damage (0 = off).",
                                    min=0, max=64, advanced=True)
+    min_timestep: int = setting(0, "Train only on timesteps min_timestep <= t < max_timestep of the 1000-step "
+                                "schedule (0 = nearly clean, 999 = pure noise). Raising it trains only the noisier "
+                                "steps, where layout and colour are decided.", min=0, max=999, advanced=True)
+    max_timestep: int = setting(1000, "Upper end (exclusive) of the trained timesteps. Lowering it (e.g. 500) trains "
+                                "only the cleaner steps, where edges, shading and texture are drawn: the look of a "
+                                "style rather than its layout.", min=1, max=1000, advanced=True)
+
+    @property
+    def timesteps(self) -> tuple[int, int]:
+        return (self.min_timestep, self.max_timestep)
 
 
 @dataclass
@@ -261,7 +271,7 @@ def _run(host, method, cfg, images, options, *, saver, resume, on_progress, imag
                 except TrainingError as e:  # a finished token stage is kept, as on any other stop
                     _keep_finished_token(saver, out, stage, token, opts, e)
                     raise
-        inputs = StageInputs(host, x0, feats, prior_x0, encode, prompts)
+        inputs = StageInputs(host, x0, feats, prior_x0, encode, prompts, opts.timesteps)
         spec = LoopSpec(stage.name, stage.steps, stage.learning_rate, opts.train_seed + stage.seed_offset,
                         optimizer=plan.optimizer, weight_decay=opts.weight_decay, max_grad_norm=opts.max_grad_norm,
                         device=plan.device, sync_every=plan.sync_every)
@@ -511,7 +521,7 @@ def _probe(host: Host, m: Method, cfg, opts: RunOptions, stage, prompts: Prompts
         params = adapter.parameters()
         encode = cache.__getitem__
     counted["n_params"] = sum(p.numel() for p in params)
-    inputs = StageInputs(host, x0, feats, prior_x0, encode, prompts)
+    inputs = StageInputs(host, x0, feats, prior_x0, encode, prompts, opts.timesteps)
     needs = SessionNeeds(adapter=adapter, token=token if stage.trains == "token" else None, decode=stage.decode,
                          checkpointing=checkpointing, dtype=dtype, batch_shape=(batch, channels, side, side))
     result: dict = {}
@@ -547,6 +557,9 @@ def check_options(m: Method, cfg, opts: RunOptions) -> None:
     """Cross-setting rules that settings.check cannot express."""
     if m.trains_unet and opts.save_format == "svd_lora" and opts.svd_rank < 1:
         raise SettingError("svd_rank", opts.svd_rank, "use 1 or more")
+    if opts.min_timestep >= opts.max_timestep:
+        raise SettingError("max_timestep", opts.max_timestep, f"it must be above min_timestep ({opts.min_timestep}); "
+                           f"raise max_timestep or lower min_timestep (0 and 1000 train on the whole schedule)")
 
 
 def _dtype(name: str) -> torch.dtype:

@@ -350,6 +350,15 @@ class ComfyHost(Host):
             return ms.sigma(t.to(ms.log_sigmas.device)).to(u.device)
         return torch.tensor([float(ms.percent_to_sigma(float(p))) for p in u.cpu()], device=u.device)
 
+    def sigma_at(self, t: torch.Tensor) -> torch.Tensor:
+        """ModelSamplingDiscrete.sigma (log-interpolated between the schedule's steps) for SD
+        models; other samplings through percent_to_sigma(1 - t / 999), one by one."""
+        ms = self._ms
+        discrete = comfy.model_sampling.ModelSamplingDiscrete
+        if isinstance(ms, discrete) and type(ms).sigma is discrete.sigma:
+            return ms.sigma(t.float().to(ms.log_sigmas.device)).to(t.device)
+        return torch.tensor([float(ms.percent_to_sigma(1.0 - float(x) / 999.0)) for x in t.cpu()], device=t.device)
+
     def add_noise(self, x0, noise, sigma):
         return self._ms.noise_scaling(sigma, noise, x0, max_denoise=False)
 

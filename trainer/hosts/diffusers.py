@@ -601,6 +601,9 @@ class DiffusersHost(Host):
         u = torch.rand(n, generator=generator, device=generator.device).clamp(max=0.999)
         return self.models.schedule.percent_to_sigma(u.cpu()).to(u.device)
 
+    def sigma_at(self, t):
+        return self.models.schedule.sigma(t.cpu()).to(t.device)
+
     def add_noise(self, x0, noise, sigma):
         return x0 + noise * sigma.to(x0).view(-1, *([1] * (x0.ndim - 1)))
 

@@ -19,6 +19,9 @@ from ..loop import Objective, Rng
 
 # Which node offers a method: "domain" (DomainStudio Train) or "subject" (Personalize).
 NODES = ("domain", "subject")
+# Timesteps lo <= t < hi of the 1000-step training schedule a run trains on (RunOptions'
+# min_timestep / max_timestep); the whole schedule unless the user narrows it.
+FULL_SCHEDULE = (0, 1000)
 
 
 @dataclass
@@ -42,6 +45,7 @@ class StageInputs:
     prior_x0: torch.Tensor | None  # class-image latents, or None
     encode: Callable[[str], Any]  # prompt -> conditioning (cached, or live through a trainable token)
     prompts: Prompts
+    timesteps: tuple[int, int] = FULL_SCHEDULE  # (lo, hi): the noise levels training draws
 
 
 @dataclass
@@ -110,10 +114,22 @@ def batch_indices(n: int, batch_size: int, rng: Rng) -> torch.Tensor:
     return torch.randperm(n, generator=rng.cpu)[:batch_size]
 
 
-def noised(host, x0: torch.Tensor, rng: Rng) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x_t, sigma): fresh noise and noise levels (uniform in timestep) on the training device."""
+def noise_levels(host, n: int, rng: Rng, timesteps: tuple[int, int] = FULL_SCHEDULE) -> torch.Tensor:
+    """n noise levels uniform in timestep over lo <= t < hi (continuous t in [lo, hi - 1], mapped
+    through the host's schedule). The whole schedule is the host's own draw, unchanged."""
+    lo, hi = timesteps
+    if (lo, hi) == FULL_SCHEDULE:
+        return host.sample_sigmas(n, rng.device)
+    u = torch.rand(n, generator=rng.device, device=rng.device.device)
+    return host.sigma_at((lo + (hi - 1 - lo) * u.double()).float())
+
+
+def noised(host, x0: torch.Tensor, rng: Rng, timesteps: tuple[int, int] = FULL_SCHEDULE
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x_t, sigma): fresh noise and noise levels (uniform in timestep over `timesteps`) on the
+    training device."""
     noise = torch.randn(x0.shape, generator=rng.device, device=rng.device.device).to(x0)
-    sigma = host.sample_sigmas(x0.shape[0], rng.device).to(x0.device)
+    sigma = noise_levels(host, x0.shape[0], rng, timesteps).to(x0.device)
     return host.add_noise(x0, noise, sigma), sigma
 
 

@@ -27,7 +27,7 @@ class DenoisingObjective:
 
     def _loss(self, x0: torch.Tensor, cond, rng: Rng) -> torch.Tensor:
         host = self.inputs.host
-        xt, sigma = noised(host, x0, rng)
+        xt, sigma = noised(host, x0, rng, self.inputs.timesteps)
         return host.denoising_loss(host.predict_x0(xt, sigma, cond), x0, sigma)
 
     def __call__(self, rng: Rng):

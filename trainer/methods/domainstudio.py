@@ -27,7 +27,7 @@ from .. import losses
 from ..errors import SettingError, TrainingError
 from ..loop import Rng
 from ..settings import setting
-from .base import Method, Prompts, Stage, StageInputs, batch_indices, noised, require_prompt_captions
+from .base import FULL_SCHEDULE, Method, Prompts, Stage, StageInputs, batch_indices, noised, require_prompt_captions
 
 FEATURE_SPACES = ("latent", "pixel")
 KL_REDUCTIONS = ("mean", "batchmean", "sum")
@@ -70,9 +70,11 @@ class DomainStudioConfig:
 
 
 def domainstudio_losses(host, x0: torch.Tensor, x0_features: torch.Tensor, cfg: DomainStudioConfig, rng: Rng,
-                        target, source, prior_x0: torch.Tensor | None = None, prior_cond=None):
-    """One evaluation of the objective on a batch; returns (total, parts)."""
-    xt, sigma = noised(host, x0, rng)
+                        target, source, prior_x0: torch.Tensor | None = None, prior_cond=None,
+                        timesteps: tuple[int, int] = FULL_SCHEDULE):
+    """One evaluation of the objective on a batch (noise levels drawn from `timesteps`); returns
+    (total, parts)."""
+    xt, sigma = noised(host, x0, rng, timesteps)
     pred = host.predict_x0(xt, sigma, target, adapted=True)
     simple = host.denoising_loss(pred, x0, sigma)
     total = simple
@@ -96,7 +98,7 @@ def domainstudio_losses(host, x0: torch.Tensor, x0_features: torch.Tensor, cfg: 
         total = total + cfg.lambda_hfmse * parts["hfmse"]
 
     if prior_x0 is not None and cfg.lambda_prior > 0:
-        p_xt, p_sigma = noised(host, prior_x0, rng)
+        p_xt, p_sigma = noised(host, prior_x0, rng, timesteps)
         p_pred = host.predict_x0(p_xt, p_sigma, prior_cond, adapted=True)
         parts["prior"] = host.denoising_loss(p_pred, prior_x0, p_sigma)
         total = total + cfg.lambda_prior * parts["prior"]
@@ -125,7 +127,8 @@ class DomainStudioObjective:
         target = host.stack_conds([self.target[i] for i in idx.tolist()])
         source = host.stack_conds([self.source[i] for i in idx.tolist()])
         feats = inp.features if inp.features is not None else inp.x0
-        return domainstudio_losses(host, inp.x0[idx], feats[idx], cfg, rng, target, source, prior, self.prior_cond)
+        return domainstudio_losses(host, inp.x0[idx], feats[idx], cfg, rng, target, source, prior, self.prior_cond,
+                                   inp.timesteps)
 
 
 class DomainStudio(Method):

@@ -331,6 +331,9 @@ def paired(result: dict, a: str, b: str, metrics=PAIRED_METRICS) -> dict:
       the paper's claim is about equal style, and a setting that moves less keeps more diversity for
       that reason alone. Seeds where b's style lies outside a's curve are left out (n says how many
       remain).
+    * over_steps: per seed, b minus a averaged over the steps both have (one number per run pair:
+      less noisy than one checkpoint, which moves by ±0.05–0.1 from step to step on the miniature);
+      `per_seed` keeps the differences so that styles can be pooled (pool_over_steps).
 
     Each entry: mean ± sd of the differences, how many seeds are higher, and the sign-flip p."""
     import numpy as np
@@ -363,8 +366,26 @@ def paired(result: dict, a: str, b: str, metrics=PAIRED_METRICS) -> dict:
                         equal[m].append(pb[m] - float(np.interp(pb[key], xs, [curve[i][m] for i in order])))
             per_step[str(step)] = {"same_step": {m: _paired_stats(v) for m, v in same.items() if v},
                                    "equal_style": {m: _paired_stats(v) for m, v in equal.items() if v}}
-        out[style] = {"seeds": seeds, "style_key": key, "steps": per_step}
+        over = {m: [] for m in (key, *metrics)}
+        for s in seeds:
+            pa, pb = runs[run_id(a, style, s)]["points"], runs[run_id(b, style, s)]["points"]
+            common = sorted(set(pa) & set(pb), key=int)
+            if common:
+                for m in over:
+                    over[m].append(float(np.mean([pb[k][m] - pa[k][m] for k in common])))
+        out[style] = {"seeds": seeds, "style_key": key, "steps": per_step,
+                      "over_steps": {"per_seed": over, "stats": {m: _paired_stats(v) for m, v in over.items() if v}}}
     return out
+
+
+def pool_over_steps(res: dict) -> dict:
+    """paired()'s over_steps differences of every style together (each style-seed pair is its own
+    run pair), per metric; the style metric under the name 'style'."""
+    pooled: dict[str, list] = {}
+    for r in res.values():
+        for m, v in r["over_steps"]["per_seed"].items():
+            pooled.setdefault("style" if m == r["style_key"] else m, []).extend(v)
+    return {m: _paired_stats(v) for m, v in pooled.items() if v}
 
 
 def print_paired(name: str, res: dict, log=print) -> None:
@@ -376,6 +397,11 @@ def print_paired(name: str, res: dict, log=print) -> None:
                                   f"({v['n_higher']}/{v['n']}, p {v['p']:.3f})" for m, v in ms.items())
                 cells = cells or "no seed's style lies on A's curve"
                 log(f"  {style:9s} @{step:>4s} {kind:11s} {cells}")
+    rows = [(style, r["over_steps"]["stats"]) for style, r in res.items()] + [("pooled", pool_over_steps(res))]
+    for style, ms in rows:
+        cells = "; ".join(f"{m} {v['mean']:+.4f}±{'-' if v['sd'] is None else format(v['sd'], '.4f')} "
+                          f"({v['n_higher']}/{v['n']}, p {v['p']:.3f})" for m, v in ms.items())
+        log(f"  {style:9s} all steps   {cells}")
 
 
 def table(pts: list[dict], log=print) -> None:

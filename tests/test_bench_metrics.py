@@ -295,6 +295,13 @@ def test_frontier_paired_same_step_and_equal_style(tmp_path):
     assert eq["p"] == pytest.approx(0.5)
     eq100 = res["steps"]["100"]["equal_style"]["diversity"]  # seed 0's 0.95 lies beyond ft's 0.9
     assert eq100["n"] == 1 and eq100["mean"] == pytest.approx(0.3 - 0.25) and eq100["sd"] is None
+    # over the steps: seed 0 ((-0.2) + 0.05) / 2, seed 1 ((-0.2) + (-0.25)) / 2
+    over = res["over_steps"]
+    assert over["per_seed"]["style_rt"] == pytest.approx([-0.075, -0.225])
+    assert over["stats"]["diversity"]["mean"] == pytest.approx(((0.15 + 0.2) / 2 + (0.06 + 0.1) / 2) / 2)
+    pooled = fr.pool_over_steps({"twitter": res, "openmoji": res})
+    assert pooled["style"]["n"] == 4 and pooled["style"]["mean"] == pytest.approx(-0.15)
+    assert pooled["style"]["n_higher"] == 0 and pooled["style"]["p"] == pytest.approx(2 / 16)
     out = tmp_path / "fr.json"
     out.write_text(json.dumps(result))
     assert fr.main(["--plot-only", "--out", str(out), "--paired", "ft", "ds"]) == 0

@@ -545,12 +545,18 @@ def main(argv=None) -> int:
     ap.add_argument("--merge", nargs="*", default=[], metavar="PART.json",
                     help="first take the runs of these results (parts of the sweep run as separate processes, each "
                          "with its own --out); a run already in --out is kept")
+    ap.add_argument("--keep-settings", nargs="+", default=[], metavar="SETTING",
+                    help="after merging, keep only the runs of these settings (a study of its own out of a larger "
+                         "results file)")
     args = ap.parse_args(argv)
     if args.png is None:
         args.png = os.path.splitext(args.out)[0] + ".png"
     result = load(args.out)
     for part in args.merge:
         merge_into(result, load(part))
+    if args.keep_settings:
+        result["runs"] = {k: r for k, r in result.get("runs", {}).items() if r["setting"] in args.keep_settings}
+        result.pop("paired", None)  # comparisons of settings that may be gone; --paired recomputes
     result.setdefault("families", {}).update({s: GRID[s][0] for s in GRID})
     # --paired names are checked before any training: a typo must not surface after an hour's sweep
     have = {r["setting"] for r in result["runs"].values()} | (set() if args.plot_only else set(args.settings))

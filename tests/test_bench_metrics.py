@@ -309,6 +309,11 @@ def test_frontier_paired_same_step_and_equal_style(tmp_path):
     assert json.loads(out.read_text())["paired"]["ds vs ft"]["twitter"]["seeds"] == [0, 1]
     with pytest.raises(SystemExit, match="no runs of 'dss'"):
         fr.main(["--plot-only", "--out", str(out), "--paired", "ft", "dss"])
+    # a study of its own out of the file: only the kept settings' runs, comparisons recomputed
+    study = tmp_path / "study.json"
+    assert fr.main(["--plot-only", "--out", str(study), "--merge", str(out), "--keep-settings", "ds"]) == 0
+    kept = json.loads(study.read_text())
+    assert sorted(kept["runs"]) == ["ds/twitter/0", "ds/twitter/1"] and "paired" not in kept
 
 
 def test_frontier_uses_the_vae_space_style_where_the_base_has_it():

@@ -66,7 +66,9 @@ CHECKPOINTS = (100, 200, 400)
 
 # name -> (family, Recipe). LoRA runs use the pack's rank 8, alpha 8; a setting without an "_all" in
 # its name trains attention only (lora_attn, the default until 2026-12-04, pinned below so the names
-# keep their meaning), one with "_all" every layer (lora_all, the domain methods' default since).
+# keep their meaning), one with "_all" every layer (lora_all, the domain methods' default since). Every
+# setting trains the whole schedule (timesteps 0-1000, pinned below: the default until 2026-12-05)
+# unless its name says _thi (t >= 500), _tlo (t < 500, the default since), _t300 or _t700 (t < 300, 700).
 _OFF = dq.LAMBDAS_OFF
 
 
@@ -114,7 +116,7 @@ GRID: dict[str, tuple[str, "dq.Recipe"]] = {
     "ds_l1_all_lr6e-4": ("domainstudio", dq.Recipe("domainstudio", _ds(1.0, 6e-4, hfmse=0.001).config,
                                                    {"train_mode": "lora_all"})),
     "ds_paper_all_lr3e-4": ("domainstudio", dq.Recipe("domainstudio", _ds(1e2, 3e-4).config,
-                                                      {"train_mode": "lora_all"})),   # the default since 2026-12-04
+                                                      {"train_mode": "lora_all"})),   # the default 2026-12-04..05
     # no identifier: the shots as "an emoji of <name>" for both models (the miniworld was trained to
     # ignore any word in the "a <w> emoji of" slot, so "sks" starts unbound and hard to bind; a domain
     # method may as well move the model's own emoji). Sampled as every setting, "a sks emoji of <name>".
@@ -146,7 +148,7 @@ GRID: dict[str, tuple[str, "dq.Recipe"]] = {
     "ds_paper_all_thi_lr3e-4": ("domainstudio", dq.Recipe("domainstudio", _ds(1e2, 3e-4).config,
                                                           {"train_mode": "lora_all"}, timesteps=(500, 1000))),
     "ds_paper_all_tlo_lr3e-4": ("domainstudio", dq.Recipe("domainstudio", _ds(1e2, 3e-4).config,
-                                                          {"train_mode": "lora_all"}, timesteps=(0, 500))),
+                                                          {"train_mode": "lora_all"}, timesteps=(0, 500))),  # default since 12-05
     # where is the cut? (2026-12-05, stop 31) DomainStudio at the paper's lambda on t < 300 and on t < 700
     "ds_paper_all_t300_lr3e-4": ("domainstudio", dq.Recipe("domainstudio", _ds(1e2, 3e-4).config,
                                                            {"train_mode": "lora_all"}, timesteps=(0, 300))),
@@ -155,6 +157,9 @@ GRID: dict[str, tuple[str, "dq.Recipe"]] = {
 }
 for _family, _recipe in GRID.values():
     _recipe.options.setdefault("train_mode", "lora_attn")
+    if _recipe.timesteps is None:  # the whole schedule, whatever the pack's default is now
+        _recipe.options.setdefault("min_timestep", 0)
+        _recipe.options.setdefault("max_timestep", 1000)
 
 # The default sweep, the stable regime the defaults were chosen from (5 settings x 2 styles x 3 seeds
 # to 400 steps: ~30 runs of 1.5-2.5 min on one idle core, ~1.2 h); the others are extras run on fewer

@@ -1,8 +1,8 @@
 """The main job (README): adapt the miniature emoji SD (miniworld/, trained here on Google's Noto
 emoji) to 10 shots of another emoji style on the CPU, with DomainStudio and with plain fine-tuning,
 first with each method's default settings (what a first run with only images and prompts gets), then
-DomainStudio with a hundredth of the paper's weights and fine-tuning trained twice as long, and show them next to the
-untouched base model on the same seeds.
+DomainStudio on the whole noise schedule (the default until 2026-12-05) and fine-tuning trained twice as long, and
+show them next to the untouched base model on the same seeds.
 
     bash scripts/demo.sh                      # set-up + this script; results in demo_output/
     bash scripts/demo.sh --style openmoji     # the other target style (OpenMoji SVGs via resvg-py)
@@ -11,8 +11,8 @@ Training: the 10 shots, each captioned with its emoji's name, as "a sks emoji of
 source model sees "an emoji of <name>"). Then every model draws "a sks emoji of <name>" for 24 other
 emoji from the same noise. It writes to --out (demo_output/):
   samples.png   labelled rows: the shots; the real target-style and Noto renderings of 12 of the 24
-                emoji; then base / fine-tune / DomainStudio at the defaults / DomainStudio with the
-                lambdas / 100 / fine-tune for twice the default steps (column i
+                emoji; then base / fine-tune / DomainStudio at the defaults / DomainStudio on the
+                whole schedule / fine-tune for twice the default steps (column i
                 of every model row starts from the same noise and names the same emoji)
   metrics.json  style score, diversity, distance to the shots, content distance and KID per model
                 (bench/domain_quality.py's World: EfficientNet-Lite0 features), timings, settings
@@ -42,7 +42,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 runpy.run_path(os.path.join(REPO, "__init__.py"))  # the pack, as comfyui_domainstudio
 
 N_SHOWN = 12  # evaluation emoji shown in the grid (all 24 are scored)
-LIGHT_LAMBDAS = {"lambda_img": 1.0, "lambda_hf": 1.0, "lambda_hfmse": 0.001}  # the paper's / 100 (default until 2026-12-04)
+WHOLE_SCHEDULE = {"min_timestep": 0, "max_timestep": 1000}  # the default until 2026-12-05 (now max_timestep 500)
 
 
 def _package():
@@ -144,13 +144,13 @@ def run_demo(args) -> int:
         bench = dq.Bench(ckpt, batch=dq.N_EVAL)
     world = dq.World(args.style, extract, log=log, roundtrip=bench.roundtrip)
     os.makedirs(args.out, exist_ok=True)
-    # The defaults (bench/frontier.py chose them: the style moves, diversity stays), then the two
-    # ways they were chosen against: DomainStudio with a hundredth of the paper's weights (the style
-    # moves as far, diversity drops) and fine-tuning trained twice as long (no further, less diverse).
+    # The defaults (bench/frontier.py chose them: the style moves, diversity stays), then two ways
+    # they were chosen against: DomainStudio trained on the whole noise schedule (the style moves
+    # less) and fine-tuning trained twice as long (no further, less diverse).
     recipes = {"base": (dq.RECIPES["base"], 1), "fine-tune": (dq.RECIPES["finetune"], 1),
                "DomainStudio": (dq.RECIPES["domainstudio"], 1),
-               "DomainStudio, lambdas / 100": (dq.Recipe("domainstudio", LIGHT_LAMBDAS,
-                                                         note="lambda_img = lambda_hf = 1, lambda_hfmse = 0.001"), 1),
+               "DomainStudio, whole schedule": (dq.Recipe("domainstudio", {}, WHOLE_SCHEDULE,
+                                                          note="max_timestep 1000: every noise level"), 1),
                "fine-tune, 2x steps": (dq.RECIPES["finetune"], 2)}
     models, info = {}, {}
     for label, (recipe, times) in recipes.items():
@@ -174,7 +174,8 @@ def run_demo(args) -> int:
         info[label] = {"method": recipe.method, "train_s": res["train_s"], "steps": res["steps"],
                        "seconds_per_step": res["seconds_per_step"], "losses_first_last_50": res["losses"],
                        "settings": dict(vars(cfg)),
-                       "options": {k: getattr(opts, k) for k in ("train_mode", "lora_rank", "lora_alpha", "precision")}}
+                       "options": {k: getattr(opts, k) for k in ("train_mode", "lora_rank", "lora_alpha", "precision",
+                                                                 "min_timestep", "max_timestep")}}
         log(f"{label}: {res['steps']} steps in {res['train_s']:.0f} s")
     samples, rows = {}, {}
     n_steps = bench.sample_steps * -(-len(world.prompts) // bench.batch) * len(models)  # a step per batch
@@ -218,18 +219,22 @@ def table_md(rows: dict) -> str:
 
 
 # What bench/frontier.py found at the defaults on the shipped miniworld weights (README, Defaults), per
-# target style: Twemoji over seeds 0-7 (bench/results/frontier_gpu_8seeds.json), OpenMoji's lambda-1
-# remark over seeds 0-2 (frontier_gpu.json). One seed, the demo's, varies around these.
+# target style, over seeds 0-4 at 200 steps (bench/results/frontier_gpu_timesteps.json: the defaults
+# train on timesteps below 500 since 2026-12-05). One seed, the demo's, varies around these.
 EXPECT = {
-    "twitter": "over 8 seeds (`bench/frontier.py`, README \"Defaults\"), fine-tuning and DomainStudio both move the\n"
-               "  style in VAE space from about 0.35 to 0.43 in 200 steps (of round-tripped Twemoji's 0.77), seen\n"
-               "  as warmer, more saturated fills with harder edges, not yet Twemoji's flat look; DomainStudio keeps\n"
-               "  the base's diversity (0.47 vs 0.45) and nearly its KID to Twemoji (0.11 vs 0.10) where fine-tuning\n"
-               "  loses diversity (0.39) and drifts (KID 0.15).",
-    "openmoji": "over 8 seeds (`bench/frontier.py`), fine-tuning moves the style in VAE space from about\n"
-                "  0.10 to 0.33 in 200 steps and DomainStudio at the default (the paper's) lambdas to 0.27 with a\n"
-                "  lower KID to OpenMoji (0.18 vs 0.21) but no more diversity; lambdas of 1 move it as far as\n"
-                "  fine-tuning (3 seeds).",
+    "twitter": "over 5 seeds (`bench/frontier.py`, README \"Defaults\"), DomainStudio moves the style in VAE\n"
+               "  space from about 0.35 to 0.48 in 200 steps (of round-tripped Twemoji's 0.77), seen as warmer, more\n"
+               "  saturated fills with harder edges, not yet Twemoji's flat look, and keeps the base's diversity\n"
+               "  (0.46 vs 0.46) and nearly its KID to Twemoji (0.12 vs 0.10); fine-tuning moves less (0.42) and\n"
+               "  loses diversity (0.38) and drifts (KID 0.16).",
+    "openmoji": "over 5 seeds (`bench/frontier.py`), DomainStudio moves the style in VAE space from about\n"
+                "  0.10 to 0.31 in 200 steps with a lower KID to OpenMoji than fine-tuning (0.18 vs 0.21), which\n"
+                "  moves further (0.35); neither keeps the base's diversity (0.40 and 0.43 vs 0.46).",
+}
+# DomainStudio on the whole schedule (the default until 2026-12-05), same seeds and steps
+WHOLE = {
+    "twitter": "0.42 over 5 seeds against 0.48, with the same diversity and KID",
+    "openmoji": "0.27 over 5 seeds against 0.31; it keeps a little more diversity there, 0.42 vs 0.40",
 }
 
 
@@ -242,13 +247,14 @@ def summary_md(m: dict, title: str) -> str:
     tr = m["training"]
     steps = ", ".join(f"{k} {v['steps']} steps ({v['train_s']:.0f} s)" for k, v in tr.items())
     ds = tr.get("DomainStudio", {}).get("settings", {})
+    ds_opts = tr.get("DomainStudio", {}).get("options", {})
     return f"""# DomainStudio demo: Noto emoji -> {title}
 
 The miniature SD (`miniworld/`, trained here on Google's Noto emoji) was adapted to the 10 {title}
 shots in the first row of `samples.png`, each captioned with its emoji's name
 ("{m['target_prompt']}"; the frozen source model reads "{m['source_prompt']}"), once with **plain
 fine-tuning** and with **DomainStudio**, first at each method's default settings, then DomainStudio
-with a hundredth of the paper's weights and fine-tuning for twice the steps ({steps}; seed {m['seed']}). Every model then drew "a sks emoji of <name>" for 24 emoji that are not shots,
+on the whole noise schedule and fine-tuning for twice the steps ({steps}; seed {m['seed']}). Every model then drew "a sks emoji of <name>" for 24 emoji that are not shots,
 from the same noise: in `samples.png` column *i* of every model row names the same emoji and starts
 from the same noise, so differences between rows are the adaptation.
 
@@ -257,10 +263,9 @@ from the same noise, so differences between rows are the adaptation.
   "row 2's look with row 3's content".
 - *base*: the source style (Noto-like: glossy, shaded), drawn as well as this miniature can.
 - *fine-tune* and *DomainStudio* at the defaults ({ds.get('steps')} steps, lr {ds.get('learning_rate')},
-  {tr.get('DomainStudio', {}).get('options', {}).get('train_mode')} LoRA;
-  DomainStudio's lambdas {ds.get('lambda_img')} / {ds.get('lambda_hf')} / {ds.get('lambda_hfmse')}): {EXPECT.get(m['style'], EXPECT['twitter'])}
-- *DomainStudio, lambdas / 100* (1 / 1 / 0.001, the default until 2026-12-04): the relative-distance
-  terms pull a hundredth as hard; the style moves about as far, and the samples lose more variety.
+  {ds_opts.get('train_mode')} LoRA, timesteps below {ds_opts.get('max_timestep')} of 1000; DomainStudio's lambdas {ds.get('lambda_img')} / {ds.get('lambda_hf')} / {ds.get('lambda_hfmse')}): {EXPECT.get(m['style'], EXPECT['twitter'])}
+- *DomainStudio, whole schedule* (max_timestep 1000, the default until 2026-12-05): the same training on
+  every noise level instead of the cleaner half; over seeds the style moves less far ({WHOLE.get(m['style'], '')}).
 - *fine-tune, 2x steps*: more training moves the style further; watch the distance to the shots and
   the content distance (a heart or a WC sign where a penguin was asked for is copying, the failure
   DomainStudio's paper addresses). README, "Defaults", has the same comparison over seeds.

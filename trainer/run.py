@@ -86,9 +86,9 @@ class RunOptions:
     min_timestep: int = setting(0, "Train only on timesteps min_timestep <= t < max_timestep of the 1000-step "
                                 "schedule (0 = nearly clean, 999 = pure noise). Raising it trains only the noisier "
                                 "steps, where layout and colour are decided.", min=0, max=999, advanced=True)
-    max_timestep: int = setting(1000, "Upper end (exclusive) of the trained timesteps. Lowering it (e.g. 500) trains "
-                                "only the cleaner steps, where edges, shading and texture are drawn: the look of a "
-                                "style rather than its layout.", min=1, max=1000, advanced=True)
+    max_timestep: int = setting(1000, "Upper end (exclusive) of the trained timesteps. Lower (500: DomainStudio "
+                                "Train's default) trains only the cleaner steps, where edges, shading and texture "
+                                "are drawn; 1000 trains the whole schedule.", min=1, max=1000, advanced=True)
 
     @property
     def timesteps(self) -> tuple[int, int]:

@@ -393,20 +393,21 @@ def pool_over_steps(res: dict) -> dict:
     return {m: _paired_stats(v) for m, v in pooled.items() if v}
 
 
+def _stat_cells(ms: dict) -> str:
+    return "; ".join(f"{m} {v['mean']:+.4f}±{'-' if v['sd'] is None else format(v['sd'], '.4f')} "
+                     f"({v['n_higher']}/{v['n']}, p {v['p']:.3f})" for m, v in ms.items())
+
+
 def print_paired(name: str, res: dict, log=print) -> None:
     log(f"\n{name}, paired by seed (difference mean ± sd, seeds higher, sign-flip p):")
     for style, r in res.items():
         for step, kinds in r["steps"].items():
             for kind, ms in kinds.items():
-                cells = "; ".join(f"{m} {v['mean']:+.4f}±{'-' if v['sd'] is None else format(v['sd'], '.4f')} "
-                                  f"({v['n_higher']}/{v['n']}, p {v['p']:.3f})" for m, v in ms.items())
-                cells = cells or "no seed's style lies on A's curve"
+                cells = _stat_cells(ms) or "no seed's style lies on A's curve"
                 log(f"  {style:9s} @{step:>4s} {kind:11s} {cells}")
     rows = [(style, r["over_steps"]["stats"]) for style, r in res.items()] + [("pooled", pool_over_steps(res))]
     for style, ms in rows:
-        cells = "; ".join(f"{m} {v['mean']:+.4f}±{'-' if v['sd'] is None else format(v['sd'], '.4f')} "
-                          f"({v['n_higher']}/{v['n']}, p {v['p']:.3f})" for m, v in ms.items())
-        log(f"  {style:9s} all steps   {cells}")
+        log(f"  {style:9s} all steps   {_stat_cells(ms)}")
 
 
 def table(pts: list[dict], log=print) -> None:

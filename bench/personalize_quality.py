@@ -16,9 +16,10 @@ Settings: the method defaults (trainer/methods/personalize.py PersonalizeConfig)
 defaults (trainer/run.py RunOptions) unless a flag overrides them; previews off (they are not
 measured). `--sweep key=v1,v2 ...` runs every combination of the listed values (keys: unet_lr, ti_lr,
 rank, alpha (a number, or `r` = the rank), batch, unet_steps, ti_steps, train_mode, init, lambda_prior,
-class_images) as named variants of one result file. `--init peft` re-initialises ComfyUI's trainable
-LoRA the way kohya / PEFT / diffusers (and this pack's diffusers host) do: `down` random (Kaiming over
-the layer's input width), `up` zero, instead of ComfyUI's `up` random (over the rank), `down` zero.
+class_images, min_timestep, max_timestep: the run's timestep range) as named variants of one result
+file. `--init peft` re-initialises ComfyUI's trainable LoRA the way kohya / PEFT / diffusers (and this
+pack's diffusers host) do: `down` random (Kaiming over the layer's input width), `up` zero, instead of
+ComfyUI's `up` random (over the rank), `down` zero.
 
 Subjects: held-out concepts with a class noun that the model knows from training names (cat face ->
 "cat", ...), each given as 4 images: its Google and Twitter renderings, and both shifted by (3, -2)
@@ -75,7 +76,8 @@ SUBJECTS = (("cat face", "cat"), ("unicorn face", "horse"), ("automobile", "car"
             ("yellow heart", "heart"), ("open book", "book"), ("high-speed train", "train"), ("monkey", "monkey"))
 N_UNRELATED = 8
 SWEEP_KEYS = {"unet_lr": float, "ti_lr": float, "rank": int, "alpha": str, "batch": int, "unet_steps": int,
-              "ti_steps": int, "train_mode": str, "init": str, "lambda_prior": float, "class_images": int}
+              "ti_steps": int, "train_mode": str, "init": str, "lambda_prior": float, "class_images": int,
+              "min_timestep": int, "max_timestep": int}
 PIXEL_KEYS = ("fidelity", "pres", "drift", "div", "forget", "prompt", "hf")
 LITE0_KEYS = ("fidelity", "pres", "drift", "div", "forget", "prompt")
 
@@ -179,7 +181,8 @@ def resolve(args, variant: dict, method: str, seed: int, noun: str):
 
     s = {"unet_lr": args.unet_lr, "ti_lr": args.ti_lr, "rank": args.rank, "alpha": args.alpha, "batch": args.batch,
          "unet_steps": args.unet_steps, "ti_steps": args.ti_steps, "train_mode": args.train_mode, "init": args.init,
-         "lambda_prior": args.lambda_prior, "class_images": args.class_images}
+         "lambda_prior": args.lambda_prior, "class_images": args.class_images,
+         "min_timestep": args.min_timestep, "max_timestep": args.max_timestep}
     s.update(variant)
     cfg_values = {"class_noun": noun}
     for key, field in (("unet_lr", "unet_learning_rate"), ("ti_lr", "ti_learning_rate"), ("batch", "batch_size"),
@@ -195,6 +198,9 @@ def resolve(args, variant: dict, method: str, seed: int, noun: str):
         opts.lora_rank = int(s["rank"])
     if s["alpha"] is not None:
         opts.lora_alpha = float(opts.lora_rank) if str(s["alpha"]) == "r" else float(s["alpha"])
+    for key in ("min_timestep", "max_timestep"):  # the run's timestep range, every stage (RunOptions)
+        if s[key] is not None:
+            setattr(opts, key, int(s[key]))
     return cfg, opts, (s["init"] or "comfy")
 
 
@@ -357,7 +363,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     for flag, kind in (("--unet-lr", float), ("--ti-lr", float), ("--rank", int), ("--alpha", str), ("--batch", int),
                        ("--unet-steps", int), ("--ti-steps", int), ("--train-mode", str), ("--lambda-prior", float),
-                       ("--class-images", int)):
+                       ("--class-images", int), ("--min-timestep", int), ("--max-timestep", int)):
         ap.add_argument(flag, type=kind, default=None, help="override the core default")
     ap.add_argument("--init", choices=["comfy", "peft"], default=None, help="LoRA start (default: ComfyUI's)")
     ap.add_argument("--sweep", nargs="*", default=[], help="key=v1,v2 ... (see above)")
@@ -436,6 +442,9 @@ def main(argv=None) -> int:
                "overrides": {k: getattr(args, k) for k in ("unet_lr", "ti_lr", "rank", "alpha", "batch", "unet_steps",
                                                            "ti_steps", "train_mode", "lambda_prior", "class_images",
                                                            "init")}}
+    for key in ("min_timestep", "max_timestep"):  # named only when given: older results keep their resume key
+        if getattr(args, key) is not None:
+            setting["overrides"][key] = getattr(args, key)
     rows, saved = [], {}
     if os.path.exists(out_json) and os.path.exists(samples_npz):
         with open(out_json) as f:

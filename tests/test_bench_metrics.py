@@ -27,6 +27,7 @@ dq = _bench("domain_quality")
 fr = _bench("frontier")
 dfl = _bench("diversity_floor")
 es = _bench("emoji_styles")
+pq = _bench("personalize_quality")
 
 
 def test_a_recipes_timestep_range_is_the_run_options_range():
@@ -34,6 +35,22 @@ def test_a_recipes_timestep_range_is_the_run_options_range():
     assert (opts.min_timestep, opts.max_timestep) == (0, 300)
     _, opts = fr.GRID["ds_paper_all_lr3e-4"][1].settings(steps=10)
     assert (opts.min_timestep, opts.max_timestep) == (0, 1000)
+
+
+def test_personalize_sweep_sets_the_runs_timestep_range():
+    import argparse
+
+    args = argparse.Namespace(**{k: None for k in pq.SWEEP_KEYS})  # every flag at "not given"
+    variants = pq.parse_sweep(["min_timestep=0,200", "max_timestep=1000"])
+    assert [pq.variant_name(v) for v in variants] == ["max_timestep=1000,min_timestep=0",
+                                                      "max_timestep=1000,min_timestep=200"]
+    _, opts, _ = pq.resolve(args, variants[1], "dreambooth_no_prior", 3, "cat")
+    assert (opts.min_timestep, opts.max_timestep, opts.train_seed) == (200, 1000, 3)
+    _, opts, _ = pq.resolve(args, {}, "rare_token", 0, "cat")  # no flag, no variant: the run's default range
+    assert (opts.min_timestep, opts.max_timestep) == (0, 1000)
+    args.max_timestep = 500  # a flag, then a variant over it
+    assert pq.resolve(args, {}, "rare_token", 0, "cat")[1].max_timestep == 500
+    assert pq.resolve(args, {"max_timestep": 700}, "rare_token", 0, "cat")[1].max_timestep == 700
 
 
 def test_split_disagreement_is_relative_to_the_mean():

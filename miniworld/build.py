@@ -19,6 +19,7 @@ import argparse
 import hashlib
 import json
 import os
+import tempfile
 
 import torch
 
@@ -111,14 +112,20 @@ def build(out: str | None = None) -> str:
         with open(config.RECORD_FILE) as f:
             rec = json.load(f)
         meta["miniworld.data"] = json.dumps(rec.get("data", {}), sort_keys=True)
-    tmp = out + ".tmp.safetensors"  # ComfyUI's loaders pick the format by the extension
-    write_safetensors(state_dict(), tmp, meta)
+    # A temporary name of this call's own (two benchmark processes may build the same cache file at
+    # once; equal inputs give equal bytes, so whichever lands last is the same file). It ends in
+    # .safetensors because ComfyUI's loaders pick the format by the extension.
+    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(out) + ".", suffix=".tmp.safetensors",
+                               dir=os.path.dirname(os.path.abspath(out)))
+    os.close(fd)
     try:
+        write_safetensors(state_dict(), tmp, meta)
         check_loads_as_sd15(tmp)  # a file the host cannot load never lands
+        os.replace(tmp, out)
     except BaseException:
-        os.remove(tmp)
+        if os.path.exists(tmp):
+            os.remove(tmp)
         raise
-    os.replace(tmp, out)
     return out
 
 

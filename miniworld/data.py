@@ -16,6 +16,7 @@ import json
 import os
 import subprocess
 import tarfile
+import tempfile
 
 import numpy as np
 
@@ -32,10 +33,15 @@ def tarball(style: str) -> str:
     os.makedirs(d, exist_ok=True)
     path = os.path.join(d, f"{_pkg(style)}-{config.EMOJI_VERSION}.tgz")
     if not os.path.exists(path):
-        subprocess.run(["npm", "pack", "--silent", "--loglevel=error", f"{_pkg(style)}@{config.EMOJI_VERSION}",
-                        "--pack-destination", d], check=True, stdout=subprocess.DEVNULL)
-        if not os.path.exists(path):
-            raise RuntimeError(f"npm pack did not produce {path}")
+        # npm writes into a folder of this call's own; the finished tarball is moved in one step, so
+        # a second process never reads one that is still being written
+        with tempfile.TemporaryDirectory(prefix=".npm-pack-", dir=d) as work:
+            subprocess.run(["npm", "pack", "--silent", "--loglevel=error", f"{_pkg(style)}@{config.EMOJI_VERSION}",
+                            "--pack-destination", work], check=True, stdout=subprocess.DEVNULL)
+            got = os.path.join(work, os.path.basename(path))
+            if not os.path.exists(got):
+                raise RuntimeError(f"npm pack did not produce {os.path.basename(path)}")
+            os.replace(got, path)
     return path
 
 
@@ -91,12 +97,27 @@ def load(style: str) -> dict:
     meta = {"names": names, "codes": codes, "categories": cats, "split": [split_of(i) for i in range(len(sel))],
             "style": style, "package": f"{_pkg(style)}@{config.EMOJI_VERSION}"}
     arr = np.stack(images).astype(np.uint8)
-    tmp = cache + ".tmp.npz"
-    np.savez_compressed(tmp, images=arr)
-    os.replace(tmp, cache)
-    with open(meta_path, "w") as f:
-        json.dump(meta, f)
+    # each file under a temporary name of this call's own, then moved in one step (two processes may
+    # build the same cache at once); the metadata first, since a reader takes the pair once both exist
+    def write_meta(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            json.dump(meta, f)
+
+    _atomic(meta_path, ".json", write_meta)
+    _atomic(cache, ".npz", lambda tmp: np.savez_compressed(tmp, images=arr))
     return {"images": arr, **meta}
+
+
+def _atomic(path: str, suffix: str, write) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp" + suffix, dir=os.path.dirname(path))
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 SPRITE_COLS = 16

@@ -181,3 +181,74 @@ def test_step_budget_fixes_the_total_from_measured_speed(monkeypatch):
     assert set(run(b, start=500)) == {777} and b.record() == {}
     b = train.StepBudget(minutes=0, total=300)
     assert set(run(b)) == {300} and b.record() == {}
+
+
+def test_two_builds_of_the_same_checkpoint_at_once_both_land(tmp_path, monkeypatch):
+    """Two benchmark processes started together both build the cached checkpoint: each writes its own
+    temporary file (they once shared one name and the second move failed), and no temporary is left."""
+    import threading
+
+    from comfyui_domainstudio.miniworld import build
+
+    both_writing = threading.Barrier(2, timeout=30)
+    written = []
+
+    def write(tensors, path, meta):
+        written.append(path)
+        with open(path, "wb") as f:
+            f.write(b"checkpoint bytes")
+        both_writing.wait()  # neither moves its file before the other has written
+
+    monkeypatch.setattr(build, "state_dict", lambda: {})
+    monkeypatch.setattr(build, "write_safetensors", write)
+    monkeypatch.setattr(build, "check_loads_as_sd15", lambda path: None)
+    out = str(tmp_path / "miniworld_sd15.safetensors")
+    errors = []
+
+    def one():
+        try:
+            build.build(out)
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=one) for _ in range(2)]
+    [t.start() for t in threads]
+    [t.join(60) for t in threads]
+    assert errors == [] and len(set(written)) == 2
+    assert all(p.endswith(".safetensors") for p in written)  # ComfyUI picks the loader by the extension
+    assert os.listdir(tmp_path) == ["miniworld_sd15.safetensors"]
+
+
+def test_a_second_process_never_reads_a_tarball_npm_is_still_writing(tmp_path, monkeypatch):
+    """The emoji tarball appears under its name only once npm has finished writing it."""
+    import threading
+
+    from comfyui_domainstudio.miniworld import config, data
+
+    monkeypatch.setenv("DS_CACHE", str(tmp_path))
+    half_written, go_on = threading.Event(), threading.Event()
+    whole = b"a whole tarball"
+
+    def fake_npm(cmd, **kw):  # the first call writes half, waits; later calls write it whole
+        dest = os.path.join(cmd[cmd.index("--pack-destination") + 1], f"emoji-datasource-google-{config.EMOJI_VERSION}.tgz")
+        with open(dest, "wb") as f:
+            if not half_written.is_set():
+                f.write(whole[:5])
+                f.flush()
+                half_written.set()
+                go_on.wait(30)
+                f.write(whole[5:])
+            else:
+                f.write(whole)
+
+    monkeypatch.setattr(data.subprocess, "run", fake_npm)
+    first = threading.Thread(target=data.tarball, args=("google",))
+    first.start()
+    assert half_written.wait(30)
+    with open(data.tarball("google"), "rb") as f:  # the second caller, while the first is mid-write
+        assert f.read() == whole
+    go_on.set()
+    first.join(30)
+    with open(data.tarball("google"), "rb") as f:
+        assert f.read() == whole
+    assert os.listdir(os.path.join(tmp_path, "emoji")) == [f"emoji-datasource-google-{config.EMOJI_VERSION}.tgz"]

@@ -11,6 +11,9 @@ writes JSON after every run (a stopped run resumes: rerun the same command) and 
         --out bench/results/personalize_quality_defaults.json         # default steps, 5 subjects (75 min)
     $DS_VENV/bin/python bench/personalize_quality.py --methods dreambooth_no_prior --subjects 3 \
         --seeds 0 --unet-lr 1e-4 --sweep unet_lr=1e-5,3e-5,1e-4 --out bench/results/personalize_sweep_lr.json
+    $DS_VENV/bin/python bench/personalize_quality.py --methods dreambooth_no_prior --subjects 5 \
+        --seeds 0 1 2 --sweep min_timestep=0,250 max_timestep=500,1000 \
+        --paired-against max_timestep=1000,min_timestep=0 --out PART.json    # which noise levels do the damage
 
 Settings: the method defaults (trainer/methods/personalize.py PersonalizeConfig) and the shared run
 defaults (trainer/run.py RunOptions) unless a flag overrides them; previews off (they are not
@@ -375,6 +378,9 @@ def main(argv=None) -> int:
     ap.add_argument("--grid-seed", type=int, default=None, help="seed shown in the grids (default: the first)")
     ap.add_argument("--diagnose", action="store_true", help="run the defect checks on the first subject instead "
                     "(writes bench/results/personalize_diagnose.json unless --out says otherwise)")
+    ap.add_argument("--paired-against", default="", metavar="VARIANT",
+                    help="also compare every other variant with this one, run by run (same subject, method and seed): "
+                         "mean difference, how many runs moved which way, sign-flip p")
     ap.add_argument("--out", default="")
     ap.add_argument("--merge", nargs="*", default=[], metavar="PART.json",
                     help="first take the rows and samples of these results of the same settings (e.g. seeds run as "
@@ -575,8 +581,15 @@ def main(argv=None) -> int:
                     done.add((vname, name, method, seed))
                     save(False)
 
+    if args.paired_against and args.paired_against not in {variant_name(v) for v in variants}:
+        raise SystemExit(f"--paired-against {args.paired_against!r}: not one of this run's variants "
+                         f"({', '.join(variant_name(v) for v in variants)})")
     result = save(True)
     print_tables(result)
+    if args.paired_against:
+        result["paired"] = paired(rows, args.paired_against)
+        save(True)
+        print_paired(result["paired"], args.paired_against)
     write_grids(result, saved, os.path.dirname(out_json), os.path.basename(base),
                 args.grid_seed if args.grid_seed is not None else args.seeds[0])
     print(f"saved {out_json} and {os.path.basename(samples_npz)} ({result['wall_s']:.0f} s)")
@@ -666,6 +679,50 @@ def summarize(rows: list[dict]) -> dict:
             s["failed"] = len(rs) - len(ok)
             summary[v][m] = s
     return summary
+
+
+PAIRED_KEYS = (("fidelity", "pixel fidelity (lower = closer)"), ("lite0.fidelity", "Lite0 fidelity (higher = closer)"),
+               ("drift", "class drift, pixel"), ("forget", "forgetting, pixel"), ("hf", "fine detail"))
+
+
+def paired(rows: list[dict], against: str) -> dict:
+    """{variant: {method: {metric: {mean_diff, sd_diff, n, higher, p}}}}: each run of a variant minus
+    the run of `against` with the same subject, method and seed (runs without a partner are left out);
+    `higher` counts the runs whose value went up, p is the two-sided sign-flip p (bench/frontier.py)."""
+    if os.path.dirname(os.path.abspath(__file__)) not in sys.path:
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from frontier import sign_flip_p
+
+    def value(r, key):
+        space, _, k = key.rpartition(".")
+        return (r.get(space) or {}).get(k) if space else r.get(key)
+
+    ok = [r for r in rows if not r.get("error") and r["method"] != "base"]
+    ref = {(r["subject"], r["method"], r["seed"]): r for r in ok if r.get("variant") == against}
+    out: dict = {}
+    for r in ok:
+        partner = ref.get((r["subject"], r["method"], r["seed"]))
+        if r.get("variant") == against or partner is None:
+            continue
+        by_key = out.setdefault(r["variant"], {}).setdefault(r["method"], {})
+        for key, _ in PAIRED_KEYS:
+            a, b = value(r, key), value(partner, key)
+            if a is not None and b is not None:
+                by_key.setdefault(key, []).append(a - b)
+    for v in out.values():
+        for m, by_key in v.items():
+            v[m] = {k: {"mean_diff": statistics.fmean(d), "sd_diff": statistics.stdev(d) if len(d) > 1 else 0.0,
+                        "n": len(d), "higher": sum(x > 0 for x in d), "p": sign_flip_p(d)} for k, d in by_key.items()}
+    return out
+
+
+def print_paired(pairs: dict, against: str) -> None:
+    print(f"\npaired against {against} (same subject, method, seed): mean difference ± sd, runs higher / n, p")
+    for v, by_m in pairs.items():
+        for m, by_key in by_m.items():
+            print(f"{v[:34]:34s} {SHORT.get(m, m):8s} " + "  ".join(
+                f"{label.split(' (')[0]} {s['mean_diff']:+.4f}±{s['sd_diff']:.4f} {s['higher']}/{s['n']} p {s['p']:.3f}"
+                for key, label in PAIRED_KEYS if (s := by_key.get(key))))
 
 
 def print_tables(result: dict) -> None:

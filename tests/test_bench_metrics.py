@@ -53,6 +53,30 @@ def test_personalize_sweep_sets_the_runs_timestep_range():
     assert pq.resolve(args, {"max_timestep": 700}, "rare_token", 0, "cat")[1].max_timestep == 700
 
 
+def test_personalize_paired_comparison_hand_case():
+    def row(variant, subject, seed, fid, l0, hf, method="dreambooth_no_prior"):
+        return {"variant": variant, "subject": subject, "method": method, "seed": seed, "fidelity": fid,
+                "drift": 0.2, "forget": 0.03, "hf": hf, "lite0": {"fidelity": l0}}
+
+    rows = [row("A", "cat", 0, 0.10, 0.60, 0.020), row("A", "cat", 1, 0.20, 0.50, 0.030),
+            row("A", "car", 0, 0.30, 0.40, 0.010),
+            row("B", "cat", 0, 0.12, 0.62, 0.010), row("B", "cat", 1, 0.16, 0.49, 0.020),
+            row("B", "car", 0, 0.33, 0.43, 0.011),
+            row("B", "palm", 0, 0.5, 0.5, 0.5),                       # no partner in A: left out
+            row("B", "cat", 0, 0.9, 0.9, 0.9, method="rare_token"),   # another method: no partner either
+            {"variant": "B", "subject": "car", "method": "dreambooth_no_prior", "seed": 1, "error": "diverged"},
+            {"variant": "base", "subject": "cat", "method": "base", "seed": 0, "fidelity": 0.3, "hf": 0.01}]
+    out = pq.paired(rows, "A")
+    assert list(out) == ["B"] and list(out["B"]) == ["dreambooth_no_prior"]
+    fid, l0, hf = (out["B"]["dreambooth_no_prior"][k] for k in ("fidelity", "lite0.fidelity", "hf"))
+    assert fid["n"] == 3 and fid["mean_diff"] == pytest.approx((0.02 - 0.04 + 0.03) / 3)
+    assert fid["higher"] == 2 and fid["sd_diff"] == pytest.approx(np.std([0.02, -0.04, 0.03], ddof=1))
+    assert l0["mean_diff"] == pytest.approx((0.02 - 0.01 + 0.03) / 3) and l0["higher"] == 2
+    assert hf["mean_diff"] == pytest.approx((-0.01 - 0.01 + 0.001) / 3) and hf["higher"] == 1
+    assert hf["p"] == pytest.approx(fr.sign_flip_p([-0.01, -0.01, 0.001]))
+    assert out["B"]["dreambooth_no_prior"]["drift"]["mean_diff"] == 0.0
+
+
 def test_split_disagreement_is_relative_to_the_mean():
     assert dfl.split_disagreement(0.1, 0.3) == pytest.approx(1.0)  # |0.1 - 0.3| / 0.2
     assert dfl.split_disagreement(0.2, 0.2) == 0.0

@@ -482,6 +482,10 @@ def main(argv=None) -> int:
     saved["known_google"] = google["images"][known]
     saved["prompt_target"] = np.array([known.index(i) for i in unrelated_idx])
     done = {(r["variant"], r["subject"], r["method"], r["seed"]) for r in rows}
+    known = ({variant_name(v) for v in variants} | {r["variant"] for r in rows}) - {"base"}
+    if args.paired_against and args.paired_against not in known:  # before any training
+        raise SystemExit(f"--paired-against {args.paired_against!r}: neither a variant of this run nor of a merged "
+                         f"result (have: {', '.join(sorted(known))})")
     scorer = Scorer(saved, extract, cosine)
 
     def save(complete: bool):
@@ -495,6 +499,9 @@ def main(argv=None) -> int:
                   "summary": summarize(rows), "samples_npz": os.path.basename(samples_npz),
                   "platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads(),
                   "load_average_at_save": os.getloadavg(), "wall_s": round(time.perf_counter() - t_start, 1)}
+        if args.paired_against:
+            result["paired_against"] = args.paired_against
+            result["paired"] = paired(rows, args.paired_against)
         np.savez_compressed(samples_npz + ".tmp.npz", **saved)
         os.replace(samples_npz + ".tmp.npz", samples_npz)
         with open(out_json + ".tmp", "w") as f:
@@ -581,14 +588,9 @@ def main(argv=None) -> int:
                     done.add((vname, name, method, seed))
                     save(False)
 
-    if args.paired_against and args.paired_against not in {variant_name(v) for v in variants}:
-        raise SystemExit(f"--paired-against {args.paired_against!r}: not one of this run's variants "
-                         f"({', '.join(variant_name(v) for v in variants)})")
     result = save(True)
     print_tables(result)
     if args.paired_against:
-        result["paired"] = paired(rows, args.paired_against)
-        save(True)
         print_paired(result["paired"], args.paired_against)
     write_grids(result, saved, os.path.dirname(out_json), os.path.basename(base),
                 args.grid_seed if args.grid_seed is not None else args.seeds[0])

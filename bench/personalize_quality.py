@@ -747,11 +747,11 @@ def print_tables(result: dict) -> None:
                    for by_m in summary.values() for s in by_m.values()):
             continue
         print(f"\n{space}: {note}")
-        print(f"{'variant':30s} {'method':20s} " + " ".join(f"{h:>13s}" for _, h in cols)
+        print(f"{'variant':36s} {'method':20s} " + " ".join(f"{h:>13s}" for _, h in cols)
               + (f" {'hf':>7s} {'dW/W':>6s} {'time s':>9s}" if space == "pixel" else ""))
         for v, by_m in summary.items():
             for m, s in by_m.items():
-                line = f"{v[:30]:30s} {m:20s} " + " ".join(f"{c(s, prefix + k):>13s}" for k, _ in cols)
+                line = f"{v[:36]:36s} {m:20s} " + " ".join(f"{c(s, prefix + k):>13s}" for k, _ in cols)
                 if space == "pixel":
                     line += f" {s['hf'][0]:7.4f} {s['delta_rel_median'][0]:6.3f} {c(s, 'time_s', 0):>9s}"
                 print(line + (f"  ({s['failed']} failed)" if s.get("failed") else ""))

@@ -15,8 +15,8 @@ writes JSON after every run (a stopped run resumes: rerun the same command) and 
         --seeds 0 1 2 --sweep min_timestep=0,250 max_timestep=500,1000 \
         --paired-against max_timestep=1000,min_timestep=0 --out PART.json    # which noise levels do the damage
 
-Settings: the method defaults (trainer/methods/personalize.py PersonalizeConfig) and the shared run
-defaults (trainer/run.py RunOptions) unless a flag overrides them; previews off (they are not
+Settings: the method defaults (trainer/methods/personalize.py PersonalizeConfig) and the run defaults
+the node shows for the method (trainer/run.py default_options) unless a flag overrides them; previews off (they are not
 measured). `--sweep key=v1,v2 ...` runs every combination of the listed values (keys: unet_lr, ti_lr,
 rank, alpha (a number, or `r` = the rank), batch, unet_steps, ti_steps, train_mode, init, lambda_prior,
 class_images, min_timestep, max_timestep: the run's timestep range) as named variants of one result
@@ -194,7 +194,7 @@ def resolve(args, variant: dict, method: str, seed: int, noun: str):
         if s[key] is not None:
             cfg_values[field] = s[key]
     cfg = core.resolve_config(method, cfg_values)
-    opts = core.RunOptions(train_seed=seed, preview_every=0)
+    opts = core.default_options(method, train_seed=seed, preview_every=0)  # what the node shows for the method
     if s["train_mode"] is not None:
         opts.train_mode = s["train_mode"]
     if s["rank"] is not None:
@@ -381,6 +381,9 @@ def main(argv=None) -> int:
     ap.add_argument("--paired-against", default="", metavar="VARIANT",
                     help="also compare every other variant with this one, run by run (same subject, method and seed): "
                          "mean difference, how many runs moved which way, sign-flip p")
+    ap.add_argument("--paired-from", default="", metavar="RESULT.json",
+                    help="take the --paired-against runs from this earlier result instead (same checkpoint and "
+                         "sampling; its flags may differ, e.g. a sweep whose variant named the same settings)")
     ap.add_argument("--out", default="")
     ap.add_argument("--merge", nargs="*", default=[], metavar="PART.json",
                     help="first take the rows and samples of these results of the same settings (e.g. seeds run as "
@@ -482,10 +485,22 @@ def main(argv=None) -> int:
     saved["known_google"] = google["images"][known]
     saved["prompt_target"] = np.array([known.index(i) for i in unrelated_idx])
     done = {(r["variant"], r["subject"], r["method"], r["seed"]) for r in rows}
-    known = ({variant_name(v) for v in variants} | {r["variant"] for r in rows}) - {"base"}
+    reference_rows = rows
+    if args.paired_from:
+        with open(args.paired_from) as f:
+            other = json.load(f)
+        same = ("checkpoint", "samples", "sample_steps", "cfg", "unrelated")
+        if any(other["setting"].get(k) != setting[k] for k in same):
+            raise SystemExit(f"--paired-from {args.paired_from}: another checkpoint or sampling ({', '.join(same)} "
+                             "must match)")
+        reference_rows = other["rows"]
+    known = {r["variant"] for r in reference_rows} - {"base"}
+    if not args.paired_from:
+        known |= {variant_name(v) for v in variants}
     if args.paired_against and args.paired_against not in known:  # before any training
-        raise SystemExit(f"--paired-against {args.paired_against!r}: neither a variant of this run nor of a merged "
-                         f"result (have: {', '.join(sorted(known))})")
+        raise SystemExit(f"--paired-against {args.paired_against!r}: no such variant "
+                         f"{'in ' + args.paired_from if args.paired_from else 'here'} (have: {', '.join(sorted(known))})")
+    reference = [r for r in reference_rows if r["variant"] == args.paired_against]
     scorer = Scorer(saved, extract, cosine)
 
     def save(complete: bool):
@@ -501,7 +516,10 @@ def main(argv=None) -> int:
                   "load_average_at_save": os.getloadavg(), "wall_s": round(time.perf_counter() - t_start, 1)}
         if args.paired_against:
             result["paired_against"] = args.paired_against
-            result["paired"] = paired(rows, args.paired_against)
+            if args.paired_from:
+                result["paired_from"] = os.path.basename(args.paired_from)
+            theirs = reference if args.paired_from else []
+            result["paired"] = paired(rows + theirs, args.paired_against)
         np.savez_compressed(samples_npz + ".tmp.npz", **saved)
         os.replace(samples_npz + ".tmp.npz", samples_npz)
         with open(out_json + ".tmp", "w") as f:

@@ -46,8 +46,11 @@ def test_personalize_sweep_sets_the_runs_timestep_range():
                                                       "max_timestep=1000,min_timestep=200"]
     _, opts, _ = pq.resolve(args, variants[1], "dreambooth_no_prior", 3, "cat")
     assert (opts.min_timestep, opts.max_timestep, opts.train_seed) == (200, 1000, 3)
-    _, opts, _ = pq.resolve(args, {}, "rare_token", 0, "cat")  # no flag, no variant: the run's default range
-    assert (opts.min_timestep, opts.max_timestep) == (0, 1000)
+    from comfyui_domainstudio.trainer.run import default_options
+
+    _, opts, _ = pq.resolve(args, {}, "rare_token", 0, "cat")  # no flag, no variant: the node's default range
+    node = default_options("rare_token")
+    assert (opts.min_timestep, opts.max_timestep) == (node.min_timestep, node.max_timestep)
     args.max_timestep = 500  # a flag, then a variant over it
     assert pq.resolve(args, {}, "rare_token", 0, "cat")[1].max_timestep == 500
     assert pq.resolve(args, {"max_timestep": 700}, "rare_token", 0, "cat")[1].max_timestep == 700

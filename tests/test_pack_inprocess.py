@@ -171,3 +171,6 @@ def test_inputs_added_later_come_after_every_saved_widget(comfy, node_id):
     assert not any(isinstance(info["input"]["optional"][k][0], list) or info["input"]["optional"][k][0] in
                    ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO") for k in optional), optional
     assert required[-len(appended):] == appended and required.index("resume_from") < required.index(appended[0])
+    # each node shows its methods' range: DomainStudio Train the cleaner half, Personalize all but the cleanest quarter
+    shown = tuple(info["input"]["required"][k][1]["default"] for k in appended)
+    assert shown == {"DomainStudio_Train": (0, 500), "DomainStudio_Personalize": (250, 1000)}[node_id]

@@ -85,7 +85,9 @@ class RunOptions:
                                    min=0, max=64, advanced=True)
     min_timestep: int = setting(0, "Train only on timesteps min_timestep <= t < max_timestep of the 1000-step "
                                 "schedule (0 = nearly clean, 999 = pure noise). Raising it trains only the noisier "
-                                "steps, where layout and colour are decided.", min=0, max=999, advanced=True)
+                                "steps, where layout and colour are decided; 250 (Personalize's default) leaves the "
+                                "nearly clean steps, where a few photos over-train into fragments, to the source "
+                                "model.", min=0, max=999, advanced=True)
     max_timestep: int = setting(1000, "Upper end (exclusive) of the trained timesteps. Lower (500: DomainStudio "
                                 "Train's default) trains only the cleaner steps, where edges, shading and texture "
                                 "are drawn; 1000 trains the whole schedule.", min=1, max=1000, advanced=True)

@@ -80,6 +80,10 @@ class _Personalize(Method):
     node = "subject"
     config = PersonalizeConfig
     min_images = 1
+    # The nearly clean quarter of the schedule (t < 250) stays the source model's: trained on 3-5 photos,
+    # those steps learn the photos' fine detail, which subjects unlike anything the model draws come out
+    # of as coloured fragments (README, Personalize: "Which noise levels ...").
+    option_defaults = {"min_timestep": 250}
     token_only_prompts = False  # textual inversion names the token alone
 
     def trigger(self, cfg: PersonalizeConfig) -> str:

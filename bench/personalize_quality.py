@@ -705,13 +705,23 @@ PAIRED_KEYS = (("fidelity", "pixel fidelity (lower = closer)"), ("lite0.fidelity
                ("drift", "class drift, pixel"), ("forget", "forgetting, pixel"), ("hf", "fine detail"))
 
 
+def _bench_frontier():
+    """bench/frontier.py under the one name every bench script and test shares (bench_frontier)."""
+    if "bench_frontier" not in sys.modules:
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location("bench_frontier", os.path.join(REPO, "bench", "frontier.py"))
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules["bench_frontier"] = mod
+        spec.loader.exec_module(mod)
+    return sys.modules["bench_frontier"]
+
+
 def paired(rows: list[dict], against: str) -> dict:
     """{variant: {method: {metric: {mean_diff, sd_diff, n, higher, p}}}}: each run of a variant minus
     the run of `against` with the same subject, method and seed (runs without a partner are left out);
     `higher` counts the runs whose value went up, p is the two-sided sign-flip p (bench/frontier.py)."""
-    if os.path.dirname(os.path.abspath(__file__)) not in sys.path:
-        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from frontier import sign_flip_p
+    sign_flip_p = _bench_frontier().sign_flip_p
 
     def value(r, key):
         space, _, k = key.rpartition(".")

@@ -21,6 +21,7 @@ import tempfile
 import numpy as np
 
 from . import config
+from ..trainer.deltas import atomic_write
 
 
 def _pkg(style: str) -> str:
@@ -97,27 +98,20 @@ def load(style: str) -> dict:
     meta = {"names": names, "codes": codes, "categories": cats, "split": [split_of(i) for i in range(len(sel))],
             "style": style, "package": f"{_pkg(style)}@{config.EMOJI_VERSION}"}
     arr = np.stack(images).astype(np.uint8)
-    # each file under a temporary name of this call's own, then moved in one step (two processes may
+    # each file written under a temporary name of its own and moved in one step (two processes may
     # build the same cache at once); the metadata first, since a reader takes the pair once both exist
     def write_meta(tmp: str) -> None:
         with open(tmp, "w") as f:
             json.dump(meta, f)
 
-    _atomic(meta_path, ".json", write_meta)
-    _atomic(cache, ".npz", lambda tmp: np.savez_compressed(tmp, images=arr))
+    def write_images(tmp: str) -> None:
+        with open(tmp, "wb") as f:  # a file object: numpy would add ".npz" to a name without it
+            np.savez_compressed(f, images=arr)
+
+    atomic_write(meta_path, write_meta, overwrite=True)
+    atomic_write(cache, write_images, overwrite=True)
     return {"images": arr, **meta}
 
-
-def _atomic(path: str, suffix: str, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp" + suffix, dir=os.path.dirname(path))
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 SPRITE_COLS = 16

@@ -383,11 +383,16 @@ def main(argv=None) -> int:
                          "mean difference, how many runs moved which way, sign-flip p")
     ap.add_argument("--paired-from", default="", metavar="RESULT.json",
                     help="take the --paired-against runs from this earlier result instead (same checkpoint and "
-                         "sampling; its flags may differ, e.g. a sweep whose variant named the same settings)")
+                         "sampling; its flags may differ, e.g. a sweep whose variant named the same settings), "
+                         "with this result's own runs of that variant")
+    ap.add_argument("--paired-from-variant", default="", metavar="NAME",
+                    help="the variant of --paired-from that ran the --paired-against settings, when it is named "
+                         "otherwise (e.g. 'defaults' of a result made before the setting had its own name)")
     ap.add_argument("--out", default="")
     ap.add_argument("--merge", nargs="*", default=[], metavar="PART.json",
                     help="first take the rows and samples of these results of the same settings (e.g. seeds run as "
-                         "separate processes, each with its own --out), then run what is still missing")
+                         "separate processes, each with its own --out) -- only the methods, seeds and variants this "
+                         "command names --, then run what is still missing")
     ap.add_argument("--merge-only", action="store_true",
                     help="with --merge: train nothing, only combine the parts (a part's missing runs stay missing)")
     args = ap.parse_args(argv)
@@ -472,10 +477,11 @@ def main(argv=None) -> int:
             other = json.load(f)
         if other.get("setting", {}).get("resume_key") != setting["resume_key"]:
             raise SystemExit(f"--merge {part}: made with other settings (checkpoint, sampling or overrides differ)")
+        new_rows = part_rows(other["rows"], have, args.seeds, args.methods, [variant_name(v) for v in variants])
         with np.load(os.path.splitext(part)[0] + "_samples.npz", allow_pickle=False) as z:
             for k in z.files:
-                saved.setdefault(k, z[k])
-        new_rows = [r for r in other["rows"] if (r["variant"], r["subject"], r["method"], r["seed"]) not in have]
+                if _merged_sample(k, new_rows, args.seeds):
+                    saved.setdefault(k, z[k])
         rows.extend(new_rows)
         have.update((r["variant"], r["subject"], r["method"], r["seed"]) for r in new_rows)
         print(f"merged {len(new_rows)} rows from {os.path.basename(part)}")
@@ -497,10 +503,14 @@ def main(argv=None) -> int:
     known = {r["variant"] for r in reference_rows} - {"base"}
     if not args.paired_from:
         known |= {variant_name(v) for v in variants}
-    if args.paired_against and args.paired_against not in known:  # before any training
-        raise SystemExit(f"--paired-against {args.paired_against!r}: no such variant "
-                         f"{'in ' + args.paired_from if args.paired_from else 'here'} (have: {', '.join(sorted(known))})")
-    reference = [r for r in reference_rows if r["variant"] == args.paired_against]
+    if args.paired_from_variant and not args.paired_from:
+        raise SystemExit("--paired-from-variant names a variant of --paired-from: give --paired-from RESULT.json too")
+    theirs_name = args.paired_from_variant or args.paired_against
+    if args.paired_against and theirs_name not in known:  # before any training
+        raise SystemExit(f"--paired-{'from-variant' if args.paired_from_variant else 'against'} {theirs_name!r}: no "
+                         f"such variant {'in ' + args.paired_from if args.paired_from else 'here'} "
+                         f"(have: {', '.join(sorted(known))})")
+    reference = reference_runs(reference_rows, theirs_name, args.paired_against)
     scorer = Scorer(saved, extract, cosine)
 
     def save(complete: bool):
@@ -518,6 +528,8 @@ def main(argv=None) -> int:
             result["paired_against"] = args.paired_against
             if args.paired_from:
                 result["paired_from"] = os.path.basename(args.paired_from)
+                if args.paired_from_variant:
+                    result["paired_from_variant"] = args.paired_from_variant
             theirs = reference if args.paired_from else []
             result["paired"] = paired(rows + theirs, args.paired_against)
         np.savez_compressed(samples_npz + ".tmp.npz", **saved)
@@ -671,6 +683,35 @@ def _mean_offdiag(d: np.ndarray) -> float:
 def _resume_key(setting: dict) -> str:
     return json.dumps({k: setting[k] for k in ("checkpoint", "samples", "sample_steps", "cfg", "unrelated",
                                                "overrides")}, sort_keys=True)
+
+
+def part_rows(rows: list[dict], have: set, seeds, methods, variants) -> list[dict]:
+    """The rows a --merge part adds: runs of the methods, seeds and variants this command names (and
+    their base rows) that are not here yet (`have`: (variant, subject, method, seed))."""
+    return [r for r in rows if (r["variant"], r["subject"], r["method"], r["seed"]) not in have
+            and r["seed"] in seeds and r["method"] in (*methods, "base") and r["variant"] in (*variants, "base")]
+
+
+def reference_runs(rows: list[dict], named: str, against: str) -> list[dict]:
+    """The runs of variant `named` (e.g. an earlier result's 'defaults') as runs of `against`, the
+    --paired-against variant (copies; the earlier result is not changed)."""
+    return [dict(r, variant=against) for r in rows if r["variant"] == named]
+
+
+def _merged_sample(key: str, rows: list[dict], seeds) -> bool:
+    """Whether a sample array of a --merge part belongs to the rows taken from it: a subject's images,
+    the base model's samples of a kept seed, a kept run's samples (keys as the run loop writes them)."""
+    parts = key.split("/")
+    if len(parts) == 2:  # "<si>/subject"
+        return True
+    if len(parts) == 3 and parts[0] == "base":  # "base/<seed>/unrelated"
+        return int(parts[1]) in seeds
+    if len(parts) != 4:
+        return False
+    si, run_key, seed = parts[0], parts[1], int(parts[2])  # "<si>/base/<seed>/<kind>", "<si>/<run key>/<seed>/<kind>"
+    if run_key == "base":
+        return seed in seeds
+    return any(r.get("key") == run_key and str(r["si"]) == si and r["seed"] == seed for r in rows)
 
 
 def _key(vname: str, method: str) -> str:

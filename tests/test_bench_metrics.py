@@ -432,3 +432,35 @@ def test_merging_keeps_the_first_runs_and_adds_new_settings_recipes():
     assert a["runs"] == {"s/twitter/0": {"v": 1}, "t/twitter/0": {"v": 3}}
     assert a["setting"]["grid"] == {"s": {"method": "finetune"},
                                     "t": {"method": "domainstudio", "timesteps": [500, 1000]}}
+
+
+def test_personalize_merge_takes_only_the_runs_the_command_names():
+    def row(variant, method, seed, subject="cat", si=3):
+        return {"variant": variant, "method": method, "seed": seed, "subject": subject, "si": si,
+                "key": pq._key(variant, method)}
+
+    part = [row("base", "base", 0), row("t=250", "rare_token", 0), row("t=250", "textual_inversion", 0),
+            row("t=250", "rare_token", 1), row("lr=1", "rare_token", 0), row("t=250", "rare_token", 0, "dog", 4)]
+    have = {("t=250", "dog", "rare_token", 0)}
+    kept = pq.part_rows(part, have, seeds=[0], methods=["rare_token"], variants=["t=0", "t=250"])
+    assert kept == [part[0], part[1]]  # not another method, seed or variant, nor a run already here
+    # their samples: the subject's images, the kept seed's base samples and the kept run's; not the others'
+    keys = ["3/subject", "base/0/unrelated", "base/1/unrelated", "3/base/0/class", "3/base/1/class",
+            "3/rare_token@t=250/0/instance", "3/textual_inversion@t=250/0/instance", "3/rare_token@t=250/1/class",
+            "4/rare_token@t=250/0/instance", "prompt_google"]
+    assert [k for k in keys if pq._merged_sample(k, kept, [0])] == [
+        "3/subject", "base/0/unrelated", "3/base/0/class", "3/rare_token@t=250/0/instance"]
+
+
+def test_personalize_pairs_with_an_earlier_results_differently_named_runs():
+    """Seed 0 of 't=250' pairs with an earlier result's 'defaults' (the same settings before the
+    setting had a name), seed 1 with this result's own 't=0'."""
+    def row(variant, seed, fid):
+        return {"variant": variant, "method": "rare_token", "seed": seed, "subject": "cat", "fidelity": fid}
+
+    earlier = [row("defaults", 0, 0.30), row("other", 0, 9.0)]
+    ours = [row("t=250", 0, 0.20), row("t=250", 1, 0.25), row("t=0", 1, 0.35)]
+    theirs = pq.reference_runs(earlier, "defaults", "t=0")
+    assert theirs == [row("t=0", 0, 0.30)] and earlier[0]["variant"] == "defaults"
+    s = pq.paired(ours + theirs, "t=0")["t=250"]["rare_token"]["fidelity"]
+    assert s["n"] == 2 and s["mean_diff"] == pytest.approx(-0.10) and s["higher"] == 0
